@@ -1,0 +1,1 @@
+"""Personalign: personalized chat with a local language model, aligned to a persona."""
