@@ -1,0 +1,229 @@
+"""User isolation: bob can never read, list, change, delete or attach to alice's rows.
+
+Every crud function that takes ``user_id`` appears in at least one case below;
+``test_every_user_scoped_function_is_covered`` keeps it that way.
+"""
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from sqlmodel import Session
+
+import storage
+from storage import NotFound, UserPublic
+
+
+@dataclass
+class Owned:
+    """One user's rows: a persona with two versions, a conversation, a rated message."""
+
+    user: UserPublic
+    persona: storage.PersonaPublic
+    first_version: storage.PersonaVersionPublic
+    conversation: storage.ConversationPublic
+    message: storage.MessagePublic
+    feedback: storage.FeedbackPublic
+
+
+def _populate(session: Session, user: UserPublic) -> Owned:
+    persona = storage.create_persona(session=session, user_id=user.id, name=f"{user.username}'s", data={"v": 1})
+    first = storage.list_persona_versions(session=session, user_id=user.id, persona_id=persona.id)[0]
+    storage.save_persona_version(session=session, user_id=user.id, persona_id=persona.id, data={"v": 2})
+    conversation = storage.create_conversation(session=session, user_id=user.id, title="chat", persona_id=persona.id)
+    message = storage.add_message(
+        session=session, user_id=user.id, conversation_id=conversation.id, role="assistant", content="hi"
+    )
+    feedback = storage.set_feedback(session=session, user_id=user.id, message_id=message.id, value=1)
+    assert feedback is not None
+    return Owned(user, persona, first, conversation, message, feedback)
+
+
+def _everything(session: Session, owner: Owned) -> tuple[Any, ...]:
+    uid, conversation_id = owner.user.id, owner.conversation.id
+    return (
+        storage.list_personas(session=session, user_id=uid),
+        storage.list_persona_versions(session=session, user_id=uid, persona_id=owner.persona.id),
+        storage.list_conversations(session=session, user_id=uid),
+        storage.list_messages(session=session, user_id=uid, conversation_id=conversation_id),
+        storage.list_feedback(session=session, user_id=uid),
+    )
+
+
+@pytest.fixture
+def a(session: Session, alice: UserPublic) -> Owned:
+    return _populate(session, alice)
+
+
+@pytest.fixture
+def b(session: Session, bob: UserPublic) -> Owned:
+    return _populate(session, bob)
+
+
+Case = Callable[[Session, Owned, Owned], Any]  # (session, alice's rows, bob's rows) -> bob's attempt
+
+READS: dict[str, Case] = {
+    "get_persona": lambda s, a, b: storage.get_persona(session=s, user_id=b.user.id, persona_id=a.persona.id),
+    "get_persona_version": lambda s, a, b: storage.get_persona_version(
+        session=s, user_id=b.user.id, version_id=a.first_version.id
+    ),
+    "get_conversation": lambda s, a, b: storage.get_conversation(
+        session=s, user_id=b.user.id, conversation_id=a.conversation.id
+    ),
+    "get_message": lambda s, a, b: storage.get_message(session=s, user_id=b.user.id, message_id=a.message.id),
+}
+
+LISTS: dict[str, Case] = {
+    "list_personas": lambda s, a, b: storage.list_personas(session=s, user_id=b.user.id),
+    "list_persona_versions": lambda s, a, b: storage.list_persona_versions(
+        session=s, user_id=b.user.id, persona_id=a.persona.id
+    ),
+    "list_conversations": lambda s, a, b: storage.list_conversations(session=s, user_id=b.user.id),
+    "list_messages": lambda s, a, b: storage.list_messages(
+        session=s, user_id=b.user.id, conversation_id=a.conversation.id
+    ),
+    "list_feedback": lambda s, a, b: storage.list_feedback(session=s, user_id=b.user.id),
+    "list_feedback/conversation": lambda s, a, b: storage.list_feedback(
+        session=s, user_id=b.user.id, conversation_id=a.conversation.id
+    ),
+}
+
+DELETES: dict[str, Case] = {
+    "delete_persona": lambda s, a, b: storage.delete_persona(session=s, user_id=b.user.id, persona_id=a.persona.id),
+    "delete_conversation": lambda s, a, b: storage.delete_conversation(
+        session=s, user_id=b.user.id, conversation_id=a.conversation.id
+    ),
+    "delete_message": lambda s, a, b: storage.delete_message(session=s, user_id=b.user.id, message_id=a.message.id),
+}
+
+WRITES: dict[str, Case] = {
+    "rename_persona": lambda s, a, b: storage.rename_persona(
+        session=s, user_id=b.user.id, persona_id=a.persona.id, name="mine"
+    ),
+    "save_persona_version": lambda s, a, b: storage.save_persona_version(
+        session=s, user_id=b.user.id, persona_id=a.persona.id, data={"stolen": True}
+    ),
+    "restore_persona_version": lambda s, a, b: storage.restore_persona_version(
+        session=s, user_id=b.user.id, persona_id=a.persona.id, version_id=a.first_version.id
+    ),
+    "restore_persona_version/into-own-persona": lambda s, a, b: storage.restore_persona_version(
+        session=s, user_id=b.user.id, persona_id=b.persona.id, version_id=a.first_version.id
+    ),
+    "create_conversation/with-their-persona": lambda s, a, b: storage.create_conversation(
+        session=s, user_id=b.user.id, title="t", persona_id=a.persona.id
+    ),
+    "rename_conversation": lambda s, a, b: storage.rename_conversation(
+        session=s, user_id=b.user.id, conversation_id=a.conversation.id, title="mine"
+    ),
+    "update_conversation_settings": lambda s, a, b: storage.update_conversation_settings(
+        session=s, user_id=b.user.id, conversation_id=a.conversation.id, persona_id=None, mode="none"
+    ),
+    "update_conversation_settings/own-conversation-their-persona": lambda s, a, b: storage.update_conversation_settings(
+        session=s, user_id=b.user.id, conversation_id=b.conversation.id, persona_id=a.persona.id, mode="persona"
+    ),
+    "add_message": lambda s, a, b: storage.add_message(
+        session=s, user_id=b.user.id, conversation_id=a.conversation.id, role="user", content="hello"
+    ),
+    "add_message/own-conversation-their-version": lambda s, a, b: storage.add_message(
+        session=s,
+        user_id=b.user.id,
+        conversation_id=b.conversation.id,
+        role="assistant",
+        content="x",
+        persona_version_id=a.first_version.id,
+    ),
+    "set_feedback": lambda s, a, b: storage.set_feedback(
+        session=s, user_id=b.user.id, message_id=a.message.id, value=-1
+    ),
+    "set_feedback/clear": lambda s, a, b: storage.set_feedback(
+        session=s, user_id=b.user.id, message_id=a.message.id, value=0
+    ),
+}
+
+
+CREATES: dict[str, Case] = {
+    "create_persona": lambda s, a, b: storage.create_persona(session=s, user_id=b.user.id, name="new", data={}),
+    "create_conversation": lambda s, a, b: storage.create_conversation(session=s, user_id=b.user.id, title="new"),
+}
+
+
+def _check(session: Session, a: Owned, b: Owned, case: Case, expect: Callable[[Any], None]) -> None:
+    """Run bob's attempt, check its outcome, and check alice's rows did not change at all."""
+    alice_before = _everything(session, a)
+    expect(lambda: case(session, a, b))
+    assert _everything(session, a) == alice_before
+
+
+@pytest.mark.parametrize("case", READS.values(), ids=READS.keys())
+def test_reads_of_other_users_rows_return_none(session: Session, a: Owned, b: Owned, case: Case) -> None:
+    def expect(call: Callable[[], Any]) -> None:
+        assert call() is None
+
+    _check(session, a, b, case, expect)
+
+
+@pytest.mark.parametrize("case", LISTS.values(), ids=LISTS.keys())
+def test_lists_never_include_other_users_rows(session: Session, a: Owned, b: Owned, case: Case) -> None:
+    def expect(call: Callable[[], Any]) -> None:
+        assert all(row.user_id == b.user.id for row in call())
+
+    _check(session, a, b, case, expect)
+
+
+@pytest.mark.parametrize("case", DELETES.values(), ids=DELETES.keys())
+def test_deletes_of_other_users_rows_do_nothing(session: Session, a: Owned, b: Owned, case: Case) -> None:
+    def expect(call: Callable[[], Any]) -> None:
+        assert call() is False
+
+    _check(session, a, b, case, expect)
+
+
+@pytest.mark.parametrize("case", WRITES.values(), ids=WRITES.keys())
+def test_writes_to_or_attaching_other_users_rows_raise_not_found(
+    session: Session, a: Owned, b: Owned, case: Case
+) -> None:
+    def expect(call: Callable[[], Any]) -> None:
+        with pytest.raises(NotFound):
+            call()
+
+    _check(session, a, b, case, expect)
+
+
+@pytest.mark.parametrize("case", CREATES.values(), ids=CREATES.keys())
+def test_created_rows_belong_only_to_their_creator(session: Session, a: Owned, b: Owned, case: Case) -> None:
+    def expect(call: Callable[[], Any]) -> None:
+        assert call().user_id == b.user.id
+
+    _check(session, a, b, case, expect)
+
+
+def test_each_user_sees_exactly_their_own_rows(session: Session, a: Owned, b: Owned) -> None:
+    for owner in (a, b):
+        personas, versions, conversations, messages, feedback = _everything(session, owner)
+        assert [p.id for p in personas] == [owner.persona.id]
+        assert {v.persona_id for v in versions} == {owner.persona.id} and len(versions) == 2
+        assert [c.id for c in conversations] == [owner.conversation.id]
+        assert [m.id for m in messages] == [owner.message.id]
+        assert feedback == [owner.feedback]
+
+
+def test_not_found_reads_the_same_as_a_missing_row(session: Session, a: Owned, b: Owned) -> None:
+    with pytest.raises(NotFound) as theirs:
+        storage.rename_conversation(session=session, user_id=b.user.id, conversation_id=a.conversation.id, title="x")
+    with pytest.raises(NotFound) as missing:
+        storage.rename_conversation(session=session, user_id=b.user.id, conversation_id=10**9, title="x")
+    assert str(theirs.value).replace(str(a.conversation.id), "N") == str(missing.value).replace(str(10**9), "N")
+    assert isinstance(theirs.value, LookupError)
+
+
+def test_every_user_scoped_function_is_covered() -> None:
+    scoped = {
+        name
+        for name in storage.__all__
+        if inspect.isfunction(getattr(storage, name))
+        and "user_id" in inspect.signature(getattr(storage, name)).parameters
+    }
+    covered = {key.split("/")[0] for cases in (READS, LISTS, DELETES, WRITES, CREATES) for key in cases}
+    assert scoped - covered == set()
