@@ -1,0 +1,166 @@
+"""The chat engine: one loaded model shared by every user of the app.
+
+Replies are generated one at a time under a lock: one device gains little from
+interleaving two users' decode steps, and serial replies keep memory bounded and
+timings honest. Each reply streams its cumulative text as it grows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from personalign.generation import GenerationConfig, TextAccumulator, generate_tokens
+from personalign.models import LoadedModel
+
+# Context lengths beyond this are rarely usable on one consumer device (KV cache memory).
+MAX_CONTEXT_CAP = 32_768
+_FALLBACK_CONTEXT = 2_048
+
+
+@dataclass(frozen=True)
+class StreamStats:
+    """Figures for one finished reply."""
+
+    prompt_tokens: int
+    new_tokens: int
+    seconds: float  # prefill + decode, excluding the wait for the lock
+    first_token_seconds: float  # time to first generated token (mostly prefill)
+    tokens_per_second: float
+    finish_reason: str  # "stop" (end-of-turn token) | "length" (max_new_tokens) | "cancelled"
+
+
+class Engine:
+    """Chat over one ``LoadedModel``; safe to share between threads."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        # A plain Lock, not an RLock: servers such as Gradio may advance one stream
+        # from different worker threads, and only a Lock may be released by another thread.
+        self._lock = threading.Lock()
+        self.last_stats: StreamStats | None = None
+        """Stats of the most recently finished reply (any user); ``stream`` also returns its own."""
+
+    @property
+    def busy(self) -> bool:
+        """True while a reply is being generated."""
+        return self._lock.locked()
+
+    def info(self) -> dict[str, Any]:
+        """Model facts for display: name, device, dtype, quantization, parameters, load_seconds."""
+        loaded = self.loaded
+        return {
+            "name": loaded.name,
+            "device": str(loaded.device),
+            "dtype": str(loaded.dtype).removeprefix("torch."),
+            "quantization": loaded.quantization,
+            # num_parameters counts tied weights once and unpacks 4-bit storage.
+            "parameters": int(loaded.model.num_parameters()),
+            "load_seconds": round(loaded.load_seconds, 2),
+        }
+
+    def render(self, messages: list[dict[str, Any]]) -> str:
+        """The exact prompt text the model sees, ending with the assistant turn opener."""
+        try:
+            return self.loaded.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # jinja errors from templates that reject a role or order
+            raise ValueError(f"The model's chat template rejected this conversation: {exc}") from exc
+
+    def encode(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Token ids of ``render(messages)``."""
+        # The template already holds its special tokens; adding BOS again would double it.
+        return list(self.loaded.tokenizer(self.render(messages), add_special_tokens=False)["input_ids"])
+
+    def count_tokens(self, messages: list[dict[str, Any]]) -> int:
+        """Prompt length in tokens for ``messages``."""
+        return len(self.encode(messages))
+
+    def max_context(self) -> int:
+        """Tokens the model can attend to (prompt + reply), capped at ``MAX_CONTEXT_CAP``."""
+        config = self.loaded.model.config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        limit = getattr(text_config, "max_position_embeddings", None)
+        if not limit:
+            tok_limit = getattr(self.loaded.tokenizer, "model_max_length", None)
+            # Tokenizers without a limit report a huge sentinel (~1e30).
+            limit = tok_limit if tok_limit and tok_limit < 10_000_000 else _FALLBACK_CONTEXT
+        return int(min(limit, MAX_CONTEXT_CAP))
+
+    def stream(
+        self,
+        messages: list[dict[str, Any]],
+        config: GenerationConfig,
+        *,
+        stop_event: threading.Event | None = None,
+    ) -> Generator[str, None, StreamStats | None]:
+        """Yield the reply's CUMULATIVE text as it grows; return its ``StreamStats``.
+
+        Holds the engine lock from the first token to the last, so replies never
+        interleave; callers must exhaust or ``close()`` the iterator to release it.
+        Setting ``stop_event`` ends generation before the next token (also while still
+        waiting for the lock, in which case nothing is yielded and None is returned).
+        Raises ValueError if the prompt leaves no room in the model's context.
+        """
+        ids = self.encode(messages)
+        room = self.max_context() - len(ids)
+        if room < 1:
+            raise ValueError(
+                f"The conversation is too long for the model: {len(ids)} tokens, "
+                f"and the model's context holds {self.max_context()}. Start a new chat or shorten it."
+            )
+        if config.max_new_tokens > room:
+            config = dataclasses.replace(config, max_new_tokens=room)
+        return self._stream(ids, config, stop_event)
+
+    def _stream(
+        self, ids: list[int], config: GenerationConfig, stop_event: threading.Event | None
+    ) -> Generator[str, None, StreamStats | None]:
+        should_stop = stop_event.is_set if stop_event is not None else None
+        # Poll so that a request cancelled while queued does not wait for its turn.
+        while not self._lock.acquire(timeout=0.05):
+            if should_stop is not None and should_stop():
+                return None
+        loaded = self.loaded
+        start = time.perf_counter()
+        first_token_at = start
+        new_tokens = 0
+        completed = False
+        try:
+            text = TextAccumulator(loaded.tokenizer)
+            input_ids = torch.tensor([ids], dtype=torch.long, device=loaded.device)  # (1, T)
+            for token_id in generate_tokens(
+                loaded.model, input_ids, config, stop_token_ids=loaded.stop_token_ids, should_stop=should_stop
+            ):
+                new_tokens += 1
+                if new_tokens == 1:
+                    first_token_at = time.perf_counter()
+                update = text.add(token_id)
+                if update is not None:
+                    yield update
+            completed = True
+        finally:
+            # Also on close() or an error, so last_stats always describes this reply.
+            seconds = time.perf_counter() - start
+            if not completed or (should_stop is not None and should_stop()):
+                reason = "cancelled"
+            elif new_tokens >= config.max_new_tokens:
+                reason = "length"
+            else:
+                reason = "stop"
+            stats = StreamStats(
+                prompt_tokens=len(ids),
+                new_tokens=new_tokens,
+                seconds=seconds,
+                first_token_seconds=first_token_at - start,
+                tokens_per_second=new_tokens / seconds if seconds > 0 else 0.0,
+                finish_reason=reason,
+            )
+            self.last_stats = stats
+            self._lock.release()
+        return stats

@@ -1,0 +1,193 @@
+"""Token generation as a chain of small functions, in the style of gpt-fast.
+
+``prefill`` -> ``sample`` -> (``decode_one_token`` -> ``sample``)* with an explicit
+KV cache. The model's own forward is always used; the cache is any transformers
+``Cache`` passed as ``past_key_values``, so a custom cache (or a registered attention
+function selected through the model config) plugs in without touching this loop.
+Batch size is 1 throughout: one chat reply at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Collection, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+REPLACEMENT_CHAR = "\ufffd"
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Sampling settings; ``temperature == 0`` means greedy decoding."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.9
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a whole number >= 1; got {self.max_new_tokens!r}")
+        if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy); got {self.temperature!r}")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1]; got {self.top_p!r}")
+        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
+            raise ValueError(f"seed must be None or a whole number >= 0; got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def new_cache(model: Any) -> Any:
+    """A fresh ``DynamicCache`` shaped by the model config (sliding-window layers etc.)."""
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # a transformers without the config argument
+        return DynamicCache()
+
+
+@torch.inference_mode()
+def prefill(model: Any, input_ids: torch.Tensor, cache: Any) -> torch.Tensor:
+    """Run the whole prompt through the model, filling ``cache``; return last-position logits.
+
+    input_ids: (B, T) -> logits: (B, V)
+    """
+    # logits_to_keep=1: only the last position is needed, which saves a (B, T, V) tensor.
+    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1, :]  # (B, 1, V) -> (B, V)
+
+
+@torch.inference_mode()
+def decode_one_token(model: Any, token: torch.Tensor, cache: Any) -> torch.Tensor:
+    """Feed one new token per sequence; positions follow from the cache length.
+
+    token: (B, 1) -> logits: (B, V)
+    """
+    out = model(input_ids=token, past_key_values=cache, use_cache=True)
+    return out.logits[:, -1, :]  # (B, 1, V) -> (B, V)
+
+
+@torch.inference_mode()
+def sample(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick the next token: argmax when greedy, else temperature + nucleus (top-p) sampling.
+
+    logits: (B, V) -> token: (B, 1)
+    """
+    if config.greedy:
+        return logits.argmax(dim=-1, keepdim=True)  # (B, V) -> (B, 1)
+    probs = torch.softmax(logits.float() / config.temperature, dim=-1)  # (B, V), float32 for stable sums
+    if config.top_p < 1:
+        sorted_probs, sorted_idx = probs.sort(dim=-1, descending=True)  # (B, V) each
+        # Drop tokens once the mass *before* them already reaches top_p; the top token always stays.
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= config.top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        choice = torch.multinomial(sorted_probs, 1, generator=generator)  # (B, 1) index into sorted order
+        return sorted_idx.gather(-1, choice)  # (B, 1) token ids
+    return torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+
+
+def make_generator(device: torch.device, seed: int | None) -> torch.Generator:
+    """A ``torch.Generator`` on ``device``: seeded for reproducibility, else randomly seeded."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def generate_tokens(
+    model: Any,
+    input_ids: torch.Tensor,
+    config: GenerationConfig,
+    *,
+    stop_token_ids: Collection[int],
+    cache: Any = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Iterator[int]:
+    """Yield new token ids one by one for a single prompt.
+
+    Ends at a stop token (not yielded), after ``config.max_new_tokens`` tokens, or when
+    ``should_stop()`` is true; it is checked before every model step, so a stop request
+    costs at most the step already running.
+    input_ids: (T,) or (1, T).
+    """
+    device = model.device
+    input_ids = torch.as_tensor(input_ids, device=device)
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)  # (T,) -> (1, T)
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be one non-empty sequence, shape (1, T); got {tuple(input_ids.shape)}")
+    cache = new_cache(model) if cache is None else cache
+    generator = None if config.greedy else make_generator(device, config.seed)
+    stop = frozenset(int(i) for i in stop_token_ids)
+    # Checks above run at call time; the loop below runs lazily as tokens are asked for.
+    return _token_loop(model, input_ids, config, stop, cache, generator, should_stop)
+
+
+def _token_loop(
+    model: Any,
+    input_ids: torch.Tensor,
+    config: GenerationConfig,
+    stop: frozenset[int],
+    cache: Any,
+    generator: torch.Generator | None,
+    should_stop: Callable[[], bool] | None,
+) -> Iterator[int]:
+    token = input_ids
+    for step in range(config.max_new_tokens):
+        if should_stop is not None and should_stop():
+            return
+        logits = prefill(model, input_ids, cache) if step == 0 else decode_one_token(model, token, cache)  # (1, V)
+        token = sample(logits, config, generator)  # (1, 1)
+        token_id = int(token.item())
+        if token_id in stop:
+            return
+        yield token_id
+
+
+class TextAccumulator:
+    """Turn a token stream into cumulative text without splitting multi-byte characters.
+
+    Every call decodes all ids so far (so merges across tokens, e.g. SentencePiece
+    spaces, come out right) and reports the text only when it changed and does not end
+    in U+FFFD, the sign of a character whose bytes have not all arrived yet.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.token_ids: list[int] = []
+        self.text = ""
+
+    def add(self, token_id: int) -> str | None:
+        """Add one token; return the new cumulative text, or None if nothing new to show."""
+        self.token_ids.append(int(token_id))
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        if text == self.text or text.endswith(REPLACEMENT_CHAR):
+            return None
+        self.text = text
+        return text
+
+
+def detokenize(tokenizer: Any, token_ids: Iterable[int]) -> Iterator[str]:
+    """Yield the cumulative text of ``token_ids`` as it grows (see ``TextAccumulator``)."""
+    acc = TextAccumulator(tokenizer)
+    for token_id in token_ids:
+        text = acc.add(token_id)
+        if text is not None:
+            yield text

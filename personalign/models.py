@@ -1,0 +1,240 @@
+"""Loading a chat model: the embedded default or any Hugging Face causal LM.
+
+Nothing is loaded at import time; ``load_model`` does all the work and turns every
+failure a user can cause (bad id, no GPU, no chat template...) into ``ModelLoadError``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from personalign.embedded import EMBEDDED_MODEL, EMBEDDED_NAME, EmbeddedModelError, ensure_embedded_model
+
+logger = logging.getLogger(__name__)
+
+QUANTIZE_CHOICES = ("auto", "none", "4bit", "8bit")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+# Assistant text used to find the end-of-turn token in a chat template.
+_PROBE_REPLY = "PersonalignProbeReply"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What to load and how. ``cache_dir`` holds the converted embedded model
+    (default: ``default_cache_dir()``); hub models use the usual Hugging Face cache."""
+
+    model: str = EMBEDDED_MODEL
+    quantize: str = "auto"  # auto|none|4bit|8bit
+    device: str = "auto"  # auto|cpu|cuda
+    cache_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ValueError("model must be a non-empty Hugging Face id, local folder, or 'embedded'")
+        if self.quantize not in QUANTIZE_CHOICES:
+            raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}; got {self.quantize!r}")
+        if self.device not in DEVICE_CHOICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICE_CHOICES)}; got {self.device!r}")
+        if self.cache_dir is not None and not isinstance(self.cache_dir, Path):
+            object.__setattr__(self, "cache_dir", Path(self.cache_dir))
+
+
+class ModelLoadError(Exception):
+    """The model could not be loaded; the message is written to be shown to a user."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for chat, plus what generation needs to know about it."""
+
+    model: Any  # transformers PreTrainedModel (causal LM)
+    tokenizer: Any  # transformers tokenizer with a chat template
+    device: torch.device
+    name: str
+    quantization: str  # none|4bit|8bit
+    dtype: torch.dtype
+    eou_token_id: int
+    stop_token_ids: frozenset[int]
+    load_seconds: float
+
+    @classmethod
+    def from_parts(
+        cls,
+        model: Any,
+        tokenizer: Any,
+        *,
+        name: str,
+        quantization: str = "none",
+        dtype: torch.dtype | None = None,
+        load_seconds: float = 0.0,
+    ) -> LoadedModel:
+        """Wrap an in-memory model and tokenizer: puts the model in eval mode and
+        derives device, dtype, end-of-turn and stop tokens from them."""
+        eou = find_eou_token_id(tokenizer)
+        if eou is None:
+            raise ModelLoadError(f"Model '{name}' defines no end-of-turn or end-of-sequence token; chat needs one.")
+        return cls(
+            model=model.eval(),
+            tokenizer=tokenizer,
+            device=model.device,
+            name=name,
+            quantization=quantization,
+            dtype=dtype or model.dtype,
+            eou_token_id=eou,
+            stop_token_ids=stop_token_ids_for(model, tokenizer, eou),
+            load_seconds=load_seconds,
+        )
+
+
+def _resolve_device(requested: str) -> torch.device:
+    has_cuda = torch.cuda.is_available()
+    if requested == "cuda" and not has_cuda:
+        raise ModelLoadError("--device cuda was asked for, but no CUDA GPU was found. Start with --device cpu.")
+    if requested == "cuda" or (requested == "auto" and has_cuda):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _resolve_quantization(requested: str, device: torch.device) -> str:
+    if requested == "auto":
+        return "4bit" if device.type == "cuda" else "none"
+    if requested in ("4bit", "8bit") and device.type != "cuda":
+        bits = requested[0]
+        if torch.cuda.is_available():  # a GPU exists, but the CPU was chosen
+            raise ModelLoadError(
+                f"{bits}-bit quantization runs only on a CUDA GPU, but --device cpu was chosen. "
+                "Start with --device cuda, or with --quantize none to stay on the CPU."
+            )
+        raise ModelLoadError(
+            f"{bits}-bit quantization needs a CUDA GPU, and none was found. "
+            "Start with --quantize none to run unquantized on the CPU (slower, more memory)."
+        )
+    return requested
+
+
+def _quantization_kwargs(quantization: str) -> dict[str, Any]:
+    """from_pretrained kwargs for the chosen quantization (bitsandbytes only when asked)."""
+    if quantization == "none":
+        return {}
+    try:
+        import bitsandbytes  # noqa: F401  (only to give a clear error when missing)
+        from transformers import BitsAndBytesConfig
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"{quantization} quantization needs the bitsandbytes package: pip install bitsandbytes "
+            "(or start with --quantize none)."
+        ) from exc
+    if quantization == "4bit":
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+        )
+    else:
+        bnb = BitsAndBytesConfig(load_in_8bit=True)
+    return {"quantization_config": bnb}
+
+
+def _resolve_source(config: ModelConfig) -> tuple[str, str]:
+    """Return (what to pass to from_pretrained, display name)."""
+    if config.model == EMBEDDED_MODEL:
+        try:
+            return str(ensure_embedded_model(config.cache_dir)), EMBEDDED_NAME
+        except EmbeddedModelError as exc:
+            raise ModelLoadError(str(exc)) from exc
+    path = Path(config.model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"Model path {path} is a file; give the folder that holds config.json.")
+        return str(path), config.model
+    return config.model, config.model
+
+
+def _not_found(name: str, source: str, exc: BaseException) -> ModelLoadError:
+    if Path(source).is_dir():
+        return ModelLoadError(
+            f"Could not load model '{name}': the folder {source} does not hold a complete Hugging Face "
+            f"causal LM (config, weights and tokenizer files). Details: {exc}"
+        )
+    return ModelLoadError(
+        f"Could not load model '{name}': it is neither a local folder nor reachable on the "
+        f"Hugging Face Hub (check the id, your network, or HF_HUB_OFFLINE). Details: {exc}"
+    )
+
+
+def find_eou_token_id(tokenizer: Any) -> int | None:
+    """Return the token that closes an assistant turn in the tokenizer's chat template.
+
+    Generic: render a one-exchange chat, and take the first special token after the
+    assistant's text (``<|im_end|>`` for ChatML, ``<|eot_id|>`` for Llama 3, ...).
+    Falls back to ``eos_token_id`` when the template gives no answer.
+    """
+    special = set(tokenizer.all_special_ids)
+    special |= {i for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items() if tok.special}
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": _PROBE_REPLY}], tokenize=False
+        )
+    except Exception:  # templates may raise on the probe; the EOS fallback is still sound
+        text = ""
+    end = text.rfind(_PROBE_REPLY)
+    if end >= 0:
+        # Special tokens are split out before the subword model, so tokenizing the
+        # tail alone yields the same special ids as tokenizing the whole text.
+        for token_id in tokenizer(text[end + len(_PROBE_REPLY):], add_special_tokens=False)["input_ids"]:
+            if token_id in special:
+                return int(token_id)
+    return tokenizer.eos_token_id
+
+
+def stop_token_ids_for(model: Any, tokenizer: Any, eou: int) -> frozenset[int]:
+    """Tokens that end a reply: end-of-turn, the tokenizer's EOS and the generation config's EOS(s)."""
+    ids = {eou, tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, (list, tuple, set)) else [gen_eos])
+    return frozenset(int(i) for i in ids if i is not None)
+
+
+def load_model(config: ModelConfig) -> LoadedModel:
+    """Load tokenizer and model as ``config`` says; raise ``ModelLoadError`` on any user-fixable failure."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.perf_counter()
+    device = _resolve_device(config.device)
+    quantization = _resolve_quantization(config.quantize, device)
+    source, name = _resolve_source(config)
+    logger.info("Loading %s on %s (quantization: %s)", name, device, quantization)
+
+    # The tokenizer is small: loading it first fails fast on bad ids and missing templates.
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:  # not found / offline / invalid repo id
+        raise _not_found(name, source, exc) from exc
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelLoadError(
+            f"Model '{name}' has no chat template, and chat needs one. "
+            "Pick an instruction-tuned (chat) version of the model, e.g. one named '-Instruct' or '-Chat'."
+        )
+
+    kwargs: dict[str, Any] = _quantization_kwargs(quantization)
+    kwargs["dtype"] = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda":
+        kwargs["device_map"] = {"": device.index}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        raise _not_found(name, source, exc) from exc
+    except (ValueError, RuntimeError, ImportError) as exc:  # unsupported architecture, OOM, ...
+        raise ModelLoadError(f"Could not load model '{name}': {exc}") from exc
+    return LoadedModel.from_parts(
+        model,
+        tokenizer,
+        name=name,
+        quantization=quantization,
+        dtype=kwargs["dtype"],
+        load_seconds=time.perf_counter() - start,
+    )
