@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from personalign.errors import UserError
 from personalign.preference_space import SIZE, neutral_direction
 from personalign.profile import check_direction, parse_profile, render_profile
 
@@ -32,7 +33,7 @@ MAX_TEXT = 20_000
 MAX_ITEMS = 500
 
 
-class PersonaFormatError(ValueError):
+class PersonaFormatError(UserError, ValueError):
     """Persona JSON that cannot be read; the message lists what is wrong."""
 
 

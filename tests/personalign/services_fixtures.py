@@ -1,0 +1,14 @@
+"""Services over a real SQLite file and the tiny random model, for service tests."""
+
+import pytest
+
+import storage
+from personalign.engine import Engine
+from personalign.services import Services, build_services
+
+
+@pytest.fixture
+def services(tmp_path, tiny_llm) -> Services:
+    db = storage.Database.open(tmp_path / "personalign.db")
+    yield build_services(db, Engine(tiny_llm))
+    db.close()
