@@ -1,0 +1,145 @@
+"""The `python -m personalign` command line: info, a terminal chat, and user accounts.
+
+Argument parsing lives here and in app.py only; both share the model and data flags
+defined below, and hand the core frozen configs. Later capabilities add subcommands here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import storage
+from personalign.engine import Engine
+from personalign.errors import UserError
+from personalign.generation import GenerationConfig
+from personalign.models import ModelConfig, ModelLoadError, load_model
+from personalign.persona import Persona, loads
+from personalign.prompts import Mode, build_messages
+
+log = logging.getLogger("personalign")
+
+DB_NAME = "personalign.db"
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("PERSONALIGN_DATA", Path.home() / ".local" / "share" / "personalign"))
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="embedded",
+                        help="Hugging Face model id or local folder; 'embedded' is the bundled SmolLM2-135M-Instruct")
+    parser.add_argument("--quantize", choices=["auto", "none", "4bit", "8bit"], default="auto",
+                        help="auto: 4-bit NF4 on CUDA, full precision on CPU")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="where the converted embedded model is kept")
+
+
+def add_data_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="folder for the SQLite database (default $PERSONALIGN_DATA or ~/.local/share/personalign)")
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    return ModelConfig(model=args.model, quantize=args.quantize, device=args.device, cache_dir=args.cache_dir)
+
+
+def open_database(args: argparse.Namespace) -> storage.Database:
+    return storage.Database.open((args.data_dir or default_data_dir()) / DB_NAME)
+
+
+def load_engine(args: argparse.Namespace) -> Engine:
+    log.info("loading model %s (first use of the embedded model converts it once, about a minute)", args.model)
+    return Engine(load_model(model_config(args)))
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    engine = load_engine(args)
+    info = {k: str(v) for k, v in engine.info().items()}
+    db = open_database(args)
+    info["database"] = str(db.path)
+    db.close()
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    persona = loads(args.persona.read_bytes()) if args.persona else Persona()
+    mode = Mode(args.mode)
+    engine = load_engine(args)
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    history: list[dict[str, str]] = []
+    print(f"Chatting with {engine.info()['name']} in mode {mode.value}. Empty line or Ctrl-D to quit.")
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            break
+        if not text:
+            break
+        reply = ""
+        print("bot> ", end="", flush=True)
+        for reply_so_far in engine.stream(build_messages(mode, persona, history, text), config):
+            print(reply_so_far[len(reply):], end="", flush=True)
+            reply = reply_so_far
+        print()
+        history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+    return 0
+
+
+def cmd_user_add(args: argparse.Namespace) -> int:
+    password = sys.stdin.readline().rstrip("\n") if args.password_stdin else getpass.getpass("Password: ")
+    db = open_database(args)
+    try:
+        with db.session() as s:
+            storage.create_user(session=s, username=args.name, password=password)
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    finally:
+        db.close()
+    print(f"user {args.name!r} created")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m personalign", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="load the model and print what was loaded, and where data lives")
+    add_model_arguments(info)
+    add_data_argument(info)
+    info.set_defaults(run=cmd_info)
+    chat = sub.add_parser("chat", help="chat in the terminal, aligned to a persona JSON file")
+    add_model_arguments(chat)
+    chat.add_argument("--persona", type=Path, help="persona JSON (AlignX record shape)")
+    chat.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.PBA.value)
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.7)
+    chat.add_argument("--seed", type=int, default=None)
+    chat.set_defaults(run=cmd_chat)
+    user = sub.add_parser("user", help="manage sign-in accounts")
+    user_sub = user.add_subparsers(dest="user_command", required=True)
+    add = user_sub.add_parser("add", help="create a user for the app's sign-in")
+    add.add_argument("name")
+    add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    add_data_argument(add)
+    add.set_defaults(run=cmd_user_add)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed command, turning the errors a user can fix into one clear line and exit code 2."""
+    try:
+        return args.run(args)
+    except (UserError, ModelLoadError, storage.DatabaseError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run(build_parser().parse_args(argv))
