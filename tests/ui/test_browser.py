@@ -1,0 +1,117 @@
+"""End to end in a real browser: headless Debian Chromium, driven by Playwright, against the
+app served by `app.py` on the embedded model, with sign-in on.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+USER, PASSWORD = "tester", "a long enough password"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian chromium is not installed")
+    data = tmp_path_factory.mktemp("data")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    subprocess.run([sys.executable, "-m", "personalign", "user", "add", USER, "--password-stdin", "--data-dir", str(data)],
+                   input=PASSWORD + "\n", text=True, check=True, cwd=ROOT, env=env, capture_output=True)
+    port = free_port()
+    log = open(data / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "app.py", "--auth", "--data-dir", str(data), "--device", "cpu"],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env={**env, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port)})
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 600  # the first run converts the embedded model
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"app exited early:\n{(data / 'server.log').read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            time.sleep(1)
+    else:
+        proc.kill()
+        pytest.fail("app did not start in time")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()
+
+
+def set_slider(page, index: int, value: float) -> None:
+    box = page.locator(f"#dim-{index} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def test_login_persona_chat_and_reload(server, browser):
+    page = browser.new_page()
+    page.goto(server)
+    page.get_by_label("username").fill(USER)
+    page.get_by_label("password").fill(PASSWORD)
+    page.get_by_role("button", name="Login").click()
+
+    page.get_by_role("tab", name="Persona").click()
+    set_slider(page, 16, 1)  # concise: its group starts open
+    page.get_by_label("Filter dimensions").fill("young")  # the filter opens the Demographics group
+    page.locator("#dim-1").wait_for(state="hidden")
+    set_slider(page, 0, 0.9)
+    page.get_by_label("Name").fill("Browser kid")
+    page.locator("#save-persona").click()
+    page.locator("#persona-status").get_by_text("Saved Browser kid as version 1").wait_for(timeout=30_000)
+    assert "Young, Concise communication style" in page.locator("#profile-preview").inner_text()
+
+    page.get_by_role("tab", name="Chat").click()
+    page.locator("#message textarea").fill("What is the capital of France?")
+    page.locator("#send").click()
+    bot = page.locator("#chatbot .message.bot").last
+    seen = set()
+    deadline = time.time() + 120
+    while time.time() < deadline and "Done" not in page.locator("#chat-status").inner_text():
+        if bot.count():
+            seen.add(bot.inner_text())
+        time.sleep(0.05)
+    final = bot.inner_text().strip()
+    assert final and "Done" in page.locator("#chat-status").inner_text()
+    partial = {s.strip() for s in seen} - {"", "…", final}
+    assert partial, "the reply should appear in pieces while it streams"
+    assert any(final.startswith(s) for s in partial)
+
+    page.reload()
+    page.locator("#conversations").get_by_text("What is the capital of France?").wait_for(timeout=30_000)
+    page.locator("#chatbot .message.bot").last.wait_for(timeout=30_000)
+    assert page.locator("#chatbot .message.bot").last.inner_text().strip() == final

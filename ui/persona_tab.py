@@ -1,0 +1,206 @@
+"""The Persona tab: sliders over the 90 dimensions, demographics, UGC and pairwise editors,
+versions, presets, import and export. Wiring only: every handler calls the persona service.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import gradio as gr
+
+from personalign.persona import PairwiseItem, Persona, UGCItem
+from personalign.personas import PersonaState
+from personalign.preference_space import DIMENSIONS, GROUPS, NEUTRAL
+from personalign.presets import PRESETS
+from personalign.profile import render_profile
+from personalign.services import Services
+from ui.errors import shows_errors, user_of
+
+UGC_HEADERS = ["post", "comment"]
+PAIRWISE_HEADERS = ["post", "chosen", "rejected"]
+
+
+def _rows(table, width: int) -> list[list[str]]:
+    """Non-empty rows of an editable table, each cell as stripped text."""
+    rows = table.values.tolist() if hasattr(table, "values") else (table or [])
+    cleaned = [[("" if c is None else str(c)).strip() for c in row[:width]] for row in rows]
+    return [row for row in cleaned if any(row)]
+
+
+def persona_from_editor(demographics: str, ugc, pairwise, values) -> Persona:
+    """Build a Persona from the editor's fields; a half-filled table row is an error, not dropped."""
+    return Persona(
+        direction=tuple(float(v) for v in values),
+        demographics=(demographics or "").strip(),
+        ugc=tuple(UGCItem(*row) for row in _rows(ugc, 2)),
+        pairwise=tuple(PairwiseItem(*row) for row in _rows(pairwise, 3)),
+    )
+
+
+def editor_values(persona: Persona) -> list:
+    """The editor's field values for a persona, in the order of `PersonaTab.fields`."""
+    return [
+        persona.demographics,
+        [[i.post, i.comment] for i in persona.ugc] or [["", ""]],
+        [[i.post, i.chosen, i.rejected] for i in persona.pairwise] or [["", "", ""]],
+        *persona.direction,
+    ]
+
+
+def profile_markdown(values) -> str:
+    profile = render_profile([float(v) for v in values])
+    return f"**Profile (PBA sees this):** {profile}" if profile else "**Profile:** neutral — move a slider to express a preference."
+
+
+class PersonaTab:
+    """Builds the tab's components inside the current Blocks and wires their events."""
+
+    def __init__(self, services: Services) -> None:
+        self.s = services
+        with gr.Row():
+            self.picker = gr.Dropdown(label="Persona", choices=[], value=None, scale=3, interactive=True)
+            self.name = gr.Textbox(label="Name", placeholder="My persona", scale=2)
+            self.new = gr.Button("New persona", scale=1)
+            self.delete = gr.Button("Delete", variant="stop", scale=1)
+        with gr.Row():
+            self.preset = gr.Dropdown(label="Start from a preset", choices=list(PRESETS), value=None, scale=3)
+            self.apply_preset = gr.Button("Apply preset", scale=1)
+            self.filter = gr.Textbox(label="Filter dimensions", placeholder="e.g. concise, science, Murray", scale=3)
+        self.profile = gr.Markdown(profile_markdown([NEUTRAL] * len(DIMENSIONS)), elem_id="profile-preview")
+        self.sliders: list[gr.Slider] = []
+        self.groups: list[gr.Accordion] = []
+        for group in GROUPS:
+            with gr.Accordion(group, open=group == "Communication") as acc:
+                self.groups.append(acc)
+                for dim in (d for d in DIMENSIONS if d.group == group):
+                    self.sliders.append(
+                        gr.Slider(0, 1, value=NEUTRAL, step=0.05, label=dim.title, elem_id=f"dim-{dim.index}")
+                    )
+        self.demographics = gr.Textbox(label="Demographic description", lines=2, placeholder="Who is this person?")
+        self.ugc = gr.Dataframe(headers=UGC_HEADERS, value=[["", ""]], label="Posts they wrote (UGC)",
+                                col_count=(2, "fixed"), row_count=(1, "dynamic"), type="array", wrap=True)
+        self.pairwise = gr.Dataframe(headers=PAIRWISE_HEADERS, value=[["", "", ""]],
+                                     label="Pairwise choices", col_count=(3, "fixed"), row_count=(1, "dynamic"),
+                                     type="array", wrap=True)
+        with gr.Row():
+            self.note = gr.Textbox(label="Version note", placeholder="what changed", scale=3)
+            self.save = gr.Button("Save persona", variant="primary", scale=1, elem_id="save-persona")
+        with gr.Row():
+            self.versions = gr.Dropdown(label="Versions", choices=[], value=None, scale=3)
+            self.restore = gr.Button("Restore this version", scale=1)
+        with gr.Row():
+            self.upload = gr.File(label="Import persona JSON", file_types=[".json"], type="filepath", scale=2)
+            self.export = gr.DownloadButton("Export JSON", scale=1)
+        self.status = gr.Markdown(elem_id="persona-status")
+        self.fields = [self.demographics, self.ugc, self.pairwise, *self.sliders]
+        self._wire()
+
+    # Loading ------------------------------------------------------------------------------
+
+    def _show(self, user: str | None, state: PersonaState | None, status: str = "") -> list:
+        """Every output of a persona change: picker, name, versions, editor fields, profile, status."""
+        personas = self.s.personas.list(user)
+        choices = [(f"{p.name} (v{p.version_number})", p.id) for p in personas]
+        if state is None:
+            blank = Persona()
+            return [gr.update(choices=choices, value=None), "", gr.update(choices=[], value=None),
+                    *editor_values(blank), profile_markdown(blank.direction), status]
+        versions = [(f"v{v.number} · {v.created_at:%Y-%m-%d %H:%M} · {v.note or '—'}", v.id)
+                    for v in self.s.personas.versions(user, state.id)]
+        return [gr.update(choices=choices, value=state.id), state.name,
+                gr.update(choices=versions, value=state.version_id), *editor_values(state.persona),
+                profile_markdown(state.persona.direction), status]
+
+    def outputs(self) -> list:
+        return [self.picker, self.name, self.versions, *self.fields, self.profile, self.status]
+
+    def on_load(self, request: gr.Request) -> list:
+        user = user_of(request)
+        personas = self.s.personas.list(user)
+        state = self.s.personas.load(user, personas[0].id) if personas else None
+        return self._show(user, state)
+
+    # Events -------------------------------------------------------------------------------
+
+    def _wire(self) -> None:
+        outs = self.outputs()
+        self.picker.input(shows_errors(self._pick), [self.picker], outs)
+        self.new.click(shows_errors(self._create), [self.name, *self.fields], outs)
+        self.save.click(shows_errors(self._save), [self.picker, self.name, self.note, *self.fields], outs)
+        self.delete.click(shows_errors(self._delete), [self.picker], outs)
+        self.restore.click(shows_errors(self._restore), [self.picker, self.versions], outs)
+        self.upload.upload(shows_errors(self._import), [self.upload], outs)
+        self.export.click(shows_errors(self._export), [self.picker], [self.export])
+        self.apply_preset.click(shows_errors(self._preset), [self.preset], [*self.fields, self.profile])
+        self.filter.change(self._filter, [self.filter], [*self.sliders, *self.groups])
+        for slider in self.sliders:
+            slider.release(profile_markdown, self.sliders, [self.profile])
+
+    def _pick(self, request: gr.Request, persona_id):
+        user = user_of(request)
+        return self._show(user, self.s.personas.load(user, int(persona_id)) if persona_id is not None else None)
+
+    def _create(self, request: gr.Request, name, demographics, ugc, pairwise, *values):
+        user = user_of(request)
+        persona = persona_from_editor(demographics, ugc, pairwise, values)
+        state = self.s.personas.create(user, (name or "").strip() or "My persona", persona)
+        return self._show(user, state, f"Created **{state.name}**.")
+
+    def _save(self, request: gr.Request, persona_id, name, note, demographics, ugc, pairwise, *values):
+        user = user_of(request)
+        persona = persona_from_editor(demographics, ugc, pairwise, values)
+        if persona_id is None:
+            state = self.s.personas.create(user, (name or "").strip() or "My persona", persona, note or "created")
+        else:
+            state = self.s.personas.load(user, int(persona_id))
+            if name and name.strip() and name.strip() != state.name:
+                self.s.personas.rename(user, state.id, name)
+            state = self.s.personas.save(user, state.id, persona, (note or "").strip())
+        return self._show(user, state, f"Saved **{state.name}** as version {state.version_number}.")
+
+    def _delete(self, request: gr.Request, persona_id):
+        if persona_id is None:
+            raise gr.Error("Pick a persona to delete.")
+        user = user_of(request)
+        self.s.personas.delete(user, int(persona_id))
+        return self._show(user, None, "Persona deleted.")
+
+    def _restore(self, request: gr.Request, persona_id, version_id):
+        if persona_id is None or version_id is None:
+            raise gr.Error("Pick a persona and one of its versions first.")
+        user = user_of(request)
+        state = self.s.personas.restore(user, int(persona_id), int(version_id))
+        return self._show(user, state, f"Restored as version {state.version_number}; later versions are kept.")
+
+    def _import(self, request: gr.Request, path):
+        user = user_of(request)
+        data = Path(path).read_bytes()
+        state = self.s.personas.import_json(user, Path(path).stem[:100] or "Imported persona", data)
+        return self._show(user, state, f"Imported **{state.name}**.")
+
+    def _export(self, request: gr.Request, persona_id):
+        if persona_id is None:
+            raise gr.Error("Pick a persona to export.")
+        user = user_of(request)
+        state = self.s.personas.load(user, int(persona_id))
+        out = Path(tempfile.mkdtemp(prefix="persona-")) / f"{_file_stem(state.name)}.json"
+        out.write_text(self.s.personas.export_json(user, state.id), encoding="utf-8")
+        return str(out)
+
+    def _preset(self, name):
+        if name not in PRESETS:
+            raise gr.Error("Pick a preset first.")
+        persona = PRESETS[name]
+        return [*editor_values(persona), profile_markdown(persona.direction)]
+
+    def _filter(self, query):
+        hits = [d.matches(query or "") for d in DIMENSIONS]
+        expand = {"open": True} if query else {}
+        groups = [gr.update(visible=any(h for d, h in zip(DIMENSIONS, hits) if d.group == g), **expand)
+                  for g in GROUPS]
+        return [gr.update(visible=h) for h in hits] + groups
+
+
+def _file_stem(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name).strip("_") or "persona"
