@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 REPLACEMENT_CHAR = "\ufffd"
+_NUCLEUS_WINDOW = 64  # first top-k window searched for the top-p nucleus
 
 
 def _is_int(value: object) -> bool:
@@ -91,14 +92,23 @@ def sample(logits: torch.Tensor, config: GenerationConfig, generator: torch.Gene
     if config.greedy:
         return logits.argmax(dim=-1, keepdim=True)  # (B, V) -> (B, 1)
     probs = torch.softmax(logits.float() / config.temperature, dim=-1)  # (B, V), float32 for stable sums
-    if config.top_p < 1:
-        sorted_probs, sorted_idx = probs.sort(dim=-1, descending=True)  # (B, V) each
-        # Drop tokens once the mass *before* them already reaches top_p; the top token always stays.
-        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= config.top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        choice = torch.multinomial(sorted_probs, 1, generator=generator)  # (B, 1) index into sorted order
-        return sorted_idx.gather(-1, choice)  # (B, 1) token ids
-    return torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+    if config.top_p >= 1:
+        return torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+    # The nucleus is nearly always a few dozen tokens: grow a top-k window until it holds
+    # top_p of the mass instead of sorting the whole vocabulary (a full sort of ~50k
+    # entries per token costs more than a small model's decode step on a CPU). Exact.
+    vocab = probs.shape[-1]
+    k = min(_NUCLEUS_WINDOW, vocab)
+    while True:
+        top_probs, top_idx = probs.topk(k, dim=-1)  # (B, k) each, descending
+        if k == vocab or bool((top_probs.sum(dim=-1) >= config.top_p).all()):
+            break
+        k = min(4 * k, vocab)
+    # Drop tokens once the mass *before* them already reaches top_p; the top token always stays.
+    drop = top_probs.cumsum(dim=-1) - top_probs >= config.top_p
+    top_probs = top_probs.masked_fill(drop, 0.0)
+    choice = torch.multinomial(top_probs, 1, generator=generator)  # (B, 1) index into the window
+    return top_idx.gather(-1, choice)  # (B, 1) token ids
 
 
 def make_generator(device: torch.device, seed: int | None) -> torch.Generator:

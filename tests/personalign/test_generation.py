@@ -119,6 +119,16 @@ def test_sample_greedy_and_top_p():
     assert picks == {0, 1, 2}
 
 
+def test_top_p_nucleus_is_exact_beyond_the_first_window():
+    logits = -0.002 * torch.arange(1000.0).unsqueeze(0)  # (1, 1000), nearly flat, token id == rank
+    probs = torch.softmax(logits, dim=-1)[0]
+    nucleus = int(((probs.cumsum(0) - probs) < 0.9).sum())  # size of the top-0.9 set
+    assert nucleus > 256
+    gen = torch.Generator().manual_seed(0)
+    picks = sample(logits.expand(4000, -1), GenerationConfig(temperature=1.0, top_p=0.9), gen).flatten()
+    assert int(picks.max()) < nucleus and int(picks.max()) > 256
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
