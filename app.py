@@ -13,8 +13,14 @@ import argparse
 import logging
 import sys
 
-from personalign.cli import add_data_argument, add_model_arguments, load_engine, open_database, run
 from personalign.accounts import AccountService
+from personalign.cli import (
+    add_data_argument,
+    add_model_arguments,
+    load_engine,
+    open_database,
+    run,
+)
 from personalign.services import build_services
 
 

@@ -14,7 +14,12 @@ from typing import Any
 
 import torch
 
-from personalign.embedded import EMBEDDED_MODEL, EMBEDDED_NAME, EmbeddedModelError, ensure_embedded_model
+from personalign.embedded import (
+    EMBEDDED_MODEL,
+    EMBEDDED_NAME,
+    EmbeddedModelError,
+    ensure_embedded_model,
+)
 
 logger = logging.getLogger(__name__)
 

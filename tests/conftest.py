@@ -14,11 +14,11 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from personalign.embedded import CHATML_TEMPLATE  # noqa: E402
-from personalign.models import LoadedModel  # noqa: E402
+from personalign.embedded import CHATML_TEMPLATE
+from personalign.models import LoadedModel
 
 TINY_SPECIALS = ("<unk>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2 (as in SmolLM2)
 

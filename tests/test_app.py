@@ -12,7 +12,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
 def run(*args, stdin: str = "", timeout: int = 300):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, input=stdin, text=True,
+    return subprocess.run([sys.executable, *args], check=False, cwd=ROOT, env=ENV, input=stdin, text=True,
                           capture_output=True, timeout=timeout)
 
 

@@ -1,7 +1,6 @@
 import pytest
 
 from personalign.errors import NotFoundError, UserError
-from tests.personalign.services_fixtures import services  # noqa: F401
 
 
 def test_sign_in_checks_stored_hashed_passwords(services):

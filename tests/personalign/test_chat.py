@@ -6,7 +6,6 @@ from personalign.errors import NotFoundError, UserError
 from personalign.generation import GenerationConfig
 from personalign.persona import Persona
 from personalign.prompts import build_messages
-from tests.personalign.services_fixtures import services  # noqa: F401
 
 GREEDY = GenerationConfig(max_new_tokens=12, temperature=0.0)
 

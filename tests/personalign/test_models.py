@@ -11,7 +11,12 @@ import torch
 
 from personalign.embedded import EMBEDDED_MODEL
 from personalign.generation import GenerationConfig, generate_tokens
-from personalign.models import ModelConfig, ModelLoadError, find_eou_token_id, load_model
+from personalign.models import (
+    ModelConfig,
+    ModelLoadError,
+    find_eou_token_id,
+    load_model,
+)
 
 
 @pytest.fixture()

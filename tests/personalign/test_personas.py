@@ -4,7 +4,6 @@ import pytest
 
 from personalign.errors import NotFoundError, UserError
 from personalign.persona import Persona, PersonaFormatError, UGCItem
-from tests.personalign.services_fixtures import services  # noqa: F401
 
 
 def test_create_save_and_restore_keeps_every_version(services):

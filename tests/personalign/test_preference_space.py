@@ -1,4 +1,10 @@
-from personalign.preference_space import DIMENSIONS, GROUPS, SIZE, dimensions_in, neutral_direction
+from personalign.preference_space import (
+    DIMENSIONS,
+    GROUPS,
+    SIZE,
+    dimensions_in,
+    neutral_direction,
+)
 from tests.shared_data import load_alignx
 
 

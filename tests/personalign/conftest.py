@@ -1,4 +1,4 @@
-"""Services over a real SQLite file and the tiny random model, for service tests."""
+"""Service fixtures: the services over a real SQLite file and the tiny random model."""
 
 import pytest
 
