@@ -54,7 +54,7 @@ class ChatTab:
                     self.regenerate = gr.Button("Regenerate")
                 self.status = gr.Markdown(elem_id="chat-status")
                 with gr.Accordion("Prompt inspector: exactly what the model received", open=False):
-                    self.prompt = gr.Code(label="Prompt", language=None, interactive=False)
+                    self.prompt = gr.Code(label="Prompt", language=None, interactive=False, wrap_lines=True)
                 with gr.Accordion("Generation settings", open=False):
                     self.temperature = gr.Slider(0, 1.5, value=0.7, step=0.05, label="Temperature (0 = greedy)")
                     self.max_new_tokens = gr.Slider(16, 1024, value=256, step=16, label="Max new tokens")
