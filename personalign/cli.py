@@ -1,4 +1,4 @@
-"""The `python -m personalign` command line: info, a terminal chat, and user accounts.
+"""The `python -m personalign` command line: info, a terminal chat, user accounts, and eval.
 
 Argument parsing lives here and in app.py only; both share the model and data flags
 defined below, and hand the core frozen configs. Later capabilities add subcommands here.
@@ -106,6 +106,40 @@ def cmd_user_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from personalign.evaluation import MODES, evaluate_modes
+
+    try:
+        records = json.loads(args.data.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise UserError(f"data file not found: {args.data}") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{args.data} is not valid JSON: {err}") from err
+    if not isinstance(records, list) or not records:
+        raise UserError(f"{args.data} must hold a non-empty JSON list of AlignX records")
+    if args.limit is not None:
+        if args.limit < 1:
+            raise UserError("--limit must be at least 1")
+        records = records[: args.limit]
+    modes = list(MODES) if args.mode == "all" else [args.mode]
+    engine = load_engine(args)
+
+    def progress(done: int, total: int) -> None:
+        # One rewritten counter line on stderr, so stdout holds only the results.
+        print(f"\r{done}/{total} records", end="\n" if done == total else "", file=sys.stderr, flush=True)
+
+    results = evaluate_modes(records, engine, modes, progress=progress)
+    if args.out:
+        with args.out.open("w", encoding="utf-8") as out:
+            for mode, result in results.items():
+                for row in result.records:
+                    out.write(json.dumps({"mode": mode, **row.to_dict()}) + "\n")
+    print(f"{'mode':<10} {'n':>5} {'accuracy':>9}  95% Wilson CI")
+    for mode, result in results.items():
+        print(f"{mode:<10} {result.n:>5} {result.accuracy:>9.3f}  [{result.ci_low:.3f}, {result.ci_high:.3f}]")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m personalign", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=0.7)
     chat.add_argument("--seed", type=int, default=None)
     chat.set_defaults(run=cmd_chat)
+    evaluate = sub.add_parser("eval", help="pairwise preference accuracy on an AlignX benchmark JSON file")
+    add_model_arguments(evaluate)
+    evaluate.add_argument("--data", type=Path, required=True, help="AlignX benchmark JSON (a list of records)")
+    evaluate.add_argument("--mode", choices=["raw", "ica", "pba", "contrast", "all"], required=True,
+                          help="scorer; all runs the four in one pass and prints a table")
+    evaluate.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
+    evaluate.add_argument("--out", type=Path, default=None, help="write per-record results here as JSON lines")
+    evaluate.set_defaults(run=cmd_eval)
     user = sub.add_parser("user", help="manage sign-in accounts")
     user_sub = user.add_subparsers(dest="user_command", required=True)
     add = user_sub.add_parser("add", help="create a user for the app's sign-in")
