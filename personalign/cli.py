@@ -18,7 +18,8 @@ import storage
 from personalign.engine import Engine
 from personalign.errors import UserError
 from personalign.generation import GenerationConfig
-from personalign.models import ModelConfig, ModelLoadError, load_model
+from personalign.evaluation import MODES
+from personalign.models import DEVICE_CHOICES, QUANTIZE_CHOICES, ModelConfig, ModelLoadError, load_model
 from personalign.persona import Persona, loads
 from personalign.prompts import Mode, build_messages
 
@@ -34,9 +35,9 @@ def default_data_dir() -> Path:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="embedded",
                         help="Hugging Face model id or local folder; 'embedded' is the bundled SmolLM2-135M-Instruct")
-    parser.add_argument("--quantize", choices=["auto", "none", "4bit", "8bit"], default="auto",
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="auto",
                         help="auto: 4-bit NF4 on CUDA, full precision on CPU")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     parser.add_argument("--cache-dir", type=Path, default=None, help="where the converted embedded model is kept")
 
 
@@ -107,7 +108,7 @@ def cmd_user_add(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from personalign.evaluation import MODES, evaluate_modes
+    from personalign.evaluation import evaluate_modes
 
     try:
         records = json.loads(args.data.read_text(encoding="utf-8"))
@@ -158,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="pairwise preference accuracy on an AlignX benchmark JSON file")
     add_model_arguments(evaluate)
     evaluate.add_argument("--data", type=Path, required=True, help="AlignX benchmark JSON (a list of records)")
-    evaluate.add_argument("--mode", choices=["raw", "ica", "pba", "contrast", "all"], required=True,
+    evaluate.add_argument("--mode", choices=[*MODES, "all"], required=True,
                           help="scorer; all runs the four in one pass and prints a table")
     evaluate.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
     evaluate.add_argument("--out", type=Path, default=None, help="write per-record results here as JSON lines")
