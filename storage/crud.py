@@ -22,6 +22,9 @@ from .models import (
     Feedback,
     FeedbackBase,
     FeedbackPublic,
+    MemorySnapshot,
+    MemorySnapshotBase,
+    MemorySnapshotPublic,
     Message,
     MessagePublic,
     Persona,
@@ -29,6 +32,10 @@ from .models import (
     PersonaVersion,
     PersonaVersionBase,
     PersonaVersionPublic,
+    PreferenceEvent,
+    PreferenceEventPublic,
+    StudioRun,
+    StudioRunPublic,
     User,
     UserCreate,
     UserPublic,
@@ -45,7 +52,7 @@ class NotFound(LookupError):
     """The row does not exist or belongs to another user; callers cannot tell which."""
 
 
-Owned = TypeVar("Owned", Persona, PersonaVersion, Conversation, Message)
+Owned = TypeVar("Owned", Persona, PersonaVersion, Conversation, Message, StudioRun)
 Edited = TypeVar("Edited", Persona, Conversation)
 Row = TypeVar("Row", bound=SQLModel)
 
@@ -74,7 +81,7 @@ def _describe(error: ErrorDetails) -> str:
     return f"{'.'.join(map(str, error['loc']))}: {error['msg']}"
 
 
-def _valid(model: type[Row], **values: Any) -> Row:
+def _valid(model: type[Row], /, **values: Any) -> Row:
     """``model.model_validate(values)``, with pydantic's report reduced to a short ValueError."""
     try:
         return model.model_validate(values)
@@ -82,7 +89,7 @@ def _valid(model: type[Row], **values: Any) -> Row:
         raise ValueError("; ".join(_describe(error) for error in exc.errors())) from exc
 
 
-def _insert(session: Session, model: type[Row], **values: Any) -> Row:
+def _insert(session: Session, model: type[Row], /, **values: Any) -> Row:
     row = _valid(model, **values)
     session.add(row)
     session.flush()
@@ -213,6 +220,12 @@ def rename_persona(*, session: Session, user_id: int, persona_id: int, name: str
     return _persona_public(persona, _current_version(session, persona))
 
 
+def set_persona_learning(*, session: Session, user_id: int, persona_id: int, enabled: bool) -> PersonaPublic:
+    """Give or withdraw consent to keep chat ratings with this persona as its behaviour."""
+    persona = _update(session, _require(session, Persona, persona_id, user_id), learn_from_chat=bool(enabled))
+    return _persona_public(persona, _current_version(session, persona))
+
+
 def delete_persona(*, session: Session, user_id: int, persona_id: int) -> bool:
     """Delete a persona and all its versions; conversations and messages keep existing without it."""
     return _delete(session, Persona, persona_id, user_id)
@@ -263,11 +276,19 @@ def restore_persona_version(
 
 
 def create_conversation(
-    *, session: Session, user_id: int, title: str, persona_id: int | None = None, mode: str = "none"
+    *,
+    session: Session,
+    user_id: int,
+    title: str,
+    persona_id: int | None = None,
+    mode: str = "none",
+    memory: str = "dense",
 ) -> ConversationPublic:
     """Start a conversation, optionally tied to one of the user's personas."""
     _require_persona(session, persona_id, user_id)
-    conversation = _insert(session, Conversation, user_id=user_id, title=title, persona_id=persona_id, mode=mode)
+    conversation = _insert(
+        session, Conversation, user_id=user_id, title=title, persona_id=persona_id, mode=mode, memory=memory
+    )
     return ConversationPublic.model_validate(conversation)
 
 
@@ -294,12 +315,21 @@ def rename_conversation(*, session: Session, user_id: int, conversation_id: int,
 
 
 def update_conversation_settings(
-    *, session: Session, user_id: int, conversation_id: int, persona_id: int | None, mode: str
+    *,
+    session: Session,
+    user_id: int,
+    conversation_id: int,
+    persona_id: int | None,
+    mode: str,
+    memory: str | None = None,
 ) -> ConversationPublic:
-    """Change which persona (or none) and which mode a conversation uses from now on."""
+    """Change which persona (or none), mode and (if given) memory policy a conversation uses from now on."""
     conversation = _require(session, Conversation, conversation_id, user_id)
     _require_persona(session, persona_id, user_id)
-    conversation = _update(session, conversation, persona_id=persona_id, mode=mode)
+    changes: dict[str, Any] = {"persona_id": persona_id, "mode": mode}
+    if memory is not None:
+        changes["memory"] = memory
+    conversation = _update(session, conversation, **changes)
     return ConversationPublic.model_validate(conversation)
 
 
@@ -391,3 +421,149 @@ def list_feedback(*, session: Session, user_id: int, conversation_id: int | None
             Message.conversation_id == conversation_id
         )
     return [FeedbackPublic.model_validate(f) for f in session.exec(query.order_by(col(Feedback.id)))]
+
+
+# --- memory snapshots ----------------------------------------------------------
+
+
+def _snapshot_row(session: Session, user_id: int, conversation_id: int) -> MemorySnapshot | None:
+    return session.exec(
+        select(MemorySnapshot).where(
+            MemorySnapshot.user_id == user_id, MemorySnapshot.conversation_id == conversation_id
+        )
+    ).first()
+
+
+def set_memory_snapshot(
+    *,
+    session: Session,
+    user_id: int,
+    conversation_id: int,
+    path: str,
+    policy: str,
+    model: str,
+    last_message_id: int,
+    message_count: int,
+    kv_bytes: int,
+) -> MemorySnapshotPublic:
+    """Record (or replace) the saved compressed cache of a conversation."""
+    _require(session, Conversation, conversation_id, user_id)
+    content = _valid(
+        MemorySnapshotBase,
+        path=path,
+        policy=policy,
+        model=model,
+        last_message_id=last_message_id,
+        message_count=message_count,
+        kv_bytes=kv_bytes,
+    )
+    row = _snapshot_row(session, user_id, conversation_id)
+    if row is None:
+        row = MemorySnapshot(conversation_id=conversation_id, user_id=user_id, **content.model_dump())
+    else:
+        for name, value in content.model_dump().items():
+            setattr(row, name, value)
+        row.updated_at = utcnow()
+    session.add(row)
+    session.flush()
+    return MemorySnapshotPublic.model_validate(row)
+
+
+def get_memory_snapshot(*, session: Session, user_id: int, conversation_id: int) -> MemorySnapshotPublic | None:
+    """The conversation's saved cache record, or None."""
+    row = _snapshot_row(session, user_id, conversation_id)
+    return None if row is None else MemorySnapshotPublic.model_validate(row)
+
+
+def delete_memory_snapshot(*, session: Session, user_id: int, conversation_id: int) -> bool:
+    """Forget the conversation's saved cache record (the caller removes the file)."""
+    row = _snapshot_row(session, user_id, conversation_id)
+    if row is None:
+        return False
+    session.delete(row)
+    session.flush()
+    return True
+
+
+# --- preference events -----------------------------------------------------------
+
+
+def add_preference_event(
+    *,
+    session: Session,
+    user_id: int,
+    persona_id: int,
+    kind: str,
+    prompt: str,
+    chosen: str | None = None,
+    rejected: str | None = None,
+    message_id: int | None = None,
+) -> PreferenceEventPublic:
+    """Keep one rating (kind "thumb") or pick (kind "pick") as behaviour of the persona."""
+    _require(session, Persona, persona_id, user_id)
+    if message_id is not None:
+        _require(session, Message, message_id, user_id)
+    if not (chosen or rejected):
+        raise ValueError("a preference event needs a chosen or a rejected answer")
+    if kind == "pick" and not (chosen and rejected):
+        raise ValueError("a pick needs both the chosen and the rejected answer")
+    event = _insert(
+        session,
+        PreferenceEvent,
+        user_id=user_id,
+        persona_id=persona_id,
+        kind=kind,
+        prompt=prompt,
+        chosen=chosen or None,
+        rejected=rejected or None,
+        message_id=message_id,
+    )
+    return PreferenceEventPublic.model_validate(event)
+
+
+def list_preference_events(*, session: Session, user_id: int, persona_id: int) -> list[PreferenceEventPublic]:
+    """The persona's stored ratings and picks, oldest first."""
+    events = session.exec(
+        select(PreferenceEvent)
+        .where(PreferenceEvent.user_id == user_id, PreferenceEvent.persona_id == persona_id)
+        .order_by(col(PreferenceEvent.id))
+    )
+    return [PreferenceEventPublic.model_validate(e) for e in events]
+
+
+def delete_preference_events_for_message(*, session: Session, user_id: int, message_id: int) -> int:
+    """Drop the events that came from one message (its rating was cleared or changed); the count."""
+    result = session.exec(
+        delete(PreferenceEvent).where(
+            col(PreferenceEvent.user_id) == user_id, col(PreferenceEvent.message_id) == message_id
+        )
+    )
+    session.flush()
+    return int(result.rowcount or 0)
+
+
+# --- studio runs -----------------------------------------------------------------
+
+
+def save_studio_run(*, session: Session, user_id: int, kind: str, title: str, data: dict[str, Any]) -> StudioRunPublic:
+    """Keep one studio result (a comparison or a sweep) as plain JSON."""
+    return StudioRunPublic.model_validate(_insert(session, StudioRun, user_id=user_id, kind=kind, title=title, data=data))
+
+
+def list_studio_runs(*, session: Session, user_id: int) -> list[StudioRunPublic]:
+    """The user's saved studio results, newest first."""
+    runs = session.exec(
+        select(StudioRun).where(StudioRun.user_id == user_id).order_by(col(StudioRun.id).desc())
+    )
+    return [StudioRunPublic.model_validate(r) for r in runs]
+
+
+def get_studio_run(*, session: Session, user_id: int, run_id: int) -> StudioRunPublic | None:
+    """One saved studio result, or None."""
+    run = _owned(session, StudioRun, run_id, user_id)
+    return None if run is None else StudioRunPublic.model_validate(run)
+
+
+def delete_studio_run(*, session: Session, user_id: int, run_id: int) -> bool:
+    """Delete one saved studio result."""
+    return _delete(session, StudioRun, run_id, user_id)

@@ -92,6 +92,54 @@ def m001_initial_schema(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+@migration
+def m002_memory_learning_studio(conn: sqlite3.Connection) -> None:
+    # Memory policy per conversation, the saved compressed KV cache that lets a long chat
+    # resume without re-reading its history, consent to learn from chat ratings, the
+    # ratings and picks themselves as preference events, and saved studio results.
+    statements = [
+        "ALTER TABLE conversations ADD COLUMN memory TEXT NOT NULL DEFAULT 'dense'",
+        """CREATE TABLE memory_snapshots (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            conversation_id INTEGER NOT NULL UNIQUE REFERENCES conversations(id) ON DELETE CASCADE,
+            user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            path TEXT NOT NULL,
+            policy TEXT NOT NULL,
+            model TEXT NOT NULL,
+            last_message_id INTEGER NOT NULL,
+            message_count INTEGER NOT NULL,
+            kv_bytes INTEGER NOT NULL,
+            updated_at TEXT NOT NULL
+        )""",
+        "ALTER TABLE personas ADD COLUMN learn_from_chat BOOLEAN NOT NULL DEFAULT 0",
+        """CREATE TABLE preference_events (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            persona_id INTEGER NOT NULL REFERENCES personas(id) ON DELETE CASCADE,
+            kind TEXT NOT NULL CHECK (kind IN ('thumb', 'pick')),
+            prompt TEXT NOT NULL,
+            chosen TEXT,
+            rejected TEXT,
+            message_id INTEGER REFERENCES messages(id) ON DELETE SET NULL,
+            created_at TEXT NOT NULL,
+            CHECK (chosen IS NOT NULL OR rejected IS NOT NULL)
+        )""",
+        "CREATE INDEX preference_events_by_persona ON preference_events(persona_id)",
+        "CREATE INDEX preference_events_by_message ON preference_events(message_id)",
+        """CREATE TABLE studio_runs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            kind TEXT NOT NULL,
+            title TEXT NOT NULL,
+            data TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        )""",
+        "CREATE INDEX studio_runs_by_user ON studio_runs(user_id, created_at)",
+    ]
+    for statement in statements:
+        conn.execute(statement)
+
+
 def applied_migrations(conn: sqlite3.Connection) -> list[str]:
     """Names of the migrations recorded in ``conn``'s database, in the order applied."""
     return [name for (name,) in conn.execute("SELECT name FROM _migrations ORDER BY rowid")]

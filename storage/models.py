@@ -57,7 +57,7 @@ def _json_copy(value: dict[str, Any]) -> dict[str, Any]:
     try:
         copy: dict[str, Any] = json.loads(json.dumps(value, allow_nan=False))
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"persona data must be plain JSON: {exc}") from exc
+        raise ValueError(f"data must be plain JSON: {exc}") from exc
     return copy
 
 
@@ -66,6 +66,8 @@ Password = Annotated[str, AfterValidator(_password)]
 PersonaName = Annotated[str, _stripped("a persona name", 100)]
 Title = Annotated[str, _stripped("a title", 200)]
 Mode = Annotated[str, _stripped("a mode", 50)]
+Memory = Annotated[str, _stripped("a memory policy", 50)]
+Kind = Annotated[str, _stripped("a kind", 50)]
 Role = Literal["user", "assistant"]
 JSONData = Annotated[dict[str, Any], AfterValidator(_json_copy)]
 
@@ -118,6 +120,8 @@ class Persona(PersonaBase, table=True):
     updated_at: datetime = _timestamp()
     # No foreign key: personas and versions would reference each other in a cycle.
     current_version_id: int | None = None
+    # Consent: only when set are the user's chat ratings with this persona kept as its behaviour.
+    learn_from_chat: bool = False
 
 
 class PersonaPublic(PersonaBase):
@@ -130,6 +134,7 @@ class PersonaPublic(PersonaBase):
     current_version_id: int
     current_version_number: int
     data: JSONData
+    learn_from_chat: bool
 
 
 class PersonaVersionBase(SQLModel):
@@ -163,6 +168,7 @@ class PersonaVersionPublic(PersonaVersionBase):
 class ConversationBase(SQLModel):
     title: Title = Field(sa_type=Text)
     mode: Mode = Field(default="none", sa_type=Text)
+    memory: Memory = Field(default="dense", sa_type=Text)
 
 
 class Conversation(ConversationBase, table=True):
@@ -236,4 +242,92 @@ class FeedbackPublic(FeedbackBase):
     id: int
     user_id: int
     message_id: int
+    created_at: datetime
+
+
+# --- memory snapshots ----------------------------------------------------------
+
+
+class MemorySnapshotBase(SQLModel):
+    """Where a conversation's compressed KV cache is saved, and what it was built from."""
+
+    path: str = Field(min_length=1)
+    policy: Memory = Field(sa_type=Text)
+    model: str = Field(min_length=1)
+    last_message_id: int
+    message_count: int = Field(ge=0)
+    kv_bytes: int = Field(ge=0)
+
+
+class MemorySnapshot(MemorySnapshotBase, table=True):
+    __tablename__ = "memory_snapshots"
+    id: int | None = Field(default=None, primary_key=True)
+    conversation_id: int = Field(foreign_key="conversations.id", ondelete="CASCADE", unique=True)
+    user_id: int = _owner()
+    updated_at: datetime = _timestamp()
+
+
+class MemorySnapshotPublic(MemorySnapshotBase):
+    """The one saved cache of a conversation; the file itself lives outside the database."""
+
+    id: int
+    conversation_id: int
+    user_id: int
+    updated_at: datetime
+
+
+# --- preference events ---------------------------------------------------------
+
+
+class PreferenceEventBase(SQLModel):
+    """A rating or a pick given in chat, kept as pairwise behaviour of a persona.
+
+    A thumbs-up keeps the answer as ``chosen``, a thumbs-down as ``rejected``; a pick
+    of the better of two answers keeps both.
+    """
+
+    kind: Literal["thumb", "pick"] = Field(sa_type=Text)
+    prompt: str
+    chosen: str | None = None
+    rejected: str | None = None
+
+
+class PreferenceEvent(PreferenceEventBase, table=True):
+    __tablename__ = "preference_events"
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: int = _owner()
+    persona_id: int = Field(foreign_key="personas.id", ondelete="CASCADE")
+    message_id: int | None = Field(default=None, foreign_key="messages.id", ondelete="SET NULL")
+    created_at: datetime = _timestamp()
+
+
+class PreferenceEventPublic(PreferenceEventBase):
+    id: int
+    user_id: int
+    persona_id: int
+    message_id: int | None
+    created_at: datetime
+
+
+# --- studio runs ---------------------------------------------------------------
+
+
+class StudioRunBase(SQLModel):
+    kind: Kind = Field(sa_type=Text)
+    title: Title = Field(sa_type=Text)
+    data: JSONData = Field(sa_type=JSONObject)
+
+
+class StudioRun(StudioRunBase, table=True):
+    __tablename__ = "studio_runs"
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: int = _owner()
+    created_at: datetime = _timestamp()
+
+
+class StudioRunPublic(StudioRunBase):
+    """A saved comparison or sweep from the controllability studio."""
+
+    id: int
+    user_id: int
     created_at: datetime

@@ -393,7 +393,7 @@ def test_validation_errors_are_short_sentences(session: Session, alice: UserPubl
         "a persona name must be 1 to 100 characters": lambda: storage.create_persona(
             session=session, user_id=alice.id, name="", data={}
         ),
-        "persona data must be plain JSON": lambda: storage.create_persona(
+        "data must be plain JSON": lambda: storage.create_persona(
             session=session, user_id=alice.id, name="P", data={"x": {1, 2}}
         ),
     }

@@ -18,7 +18,8 @@ from storage import NotFound, UserPublic
 
 @dataclass
 class Owned:
-    """One user's rows: a persona with two versions, a conversation, a rated message."""
+    """One user's rows: a persona with two versions, a conversation with a saved memory,
+    a rated message kept as a preference event, and a saved studio run."""
 
     user: UserPublic
     persona: storage.PersonaPublic
@@ -26,6 +27,9 @@ class Owned:
     conversation: storage.ConversationPublic
     message: storage.MessagePublic
     feedback: storage.FeedbackPublic
+    snapshot: storage.MemorySnapshotPublic
+    event: storage.PreferenceEventPublic
+    run: storage.StudioRunPublic
 
 
 def _populate(session: Session, user: UserPublic) -> Owned:
@@ -38,7 +42,16 @@ def _populate(session: Session, user: UserPublic) -> Owned:
     )
     feedback = storage.set_feedback(session=session, user_id=user.id, message_id=message.id, value=1)
     assert feedback is not None
-    return Owned(user, persona, first, conversation, message, feedback)
+    snapshot = storage.set_memory_snapshot(
+        session=session, user_id=user.id, conversation_id=conversation.id, path=f"{user.username}.pt",
+        policy="streaming-dialogue", model="m", last_message_id=message.id, message_count=1, kv_bytes=10,
+    )
+    event = storage.add_preference_event(
+        session=session, user_id=user.id, persona_id=persona.id, kind="thumb", prompt="q", chosen="hi",
+        message_id=message.id,
+    )
+    run = storage.save_studio_run(session=session, user_id=user.id, kind="sweep", title="t", data={"x": 1})
+    return Owned(user, persona, first, conversation, message, feedback, snapshot, event, run)
 
 
 def _everything(session: Session, owner: Owned) -> tuple[Any, ...]:
@@ -49,6 +62,9 @@ def _everything(session: Session, owner: Owned) -> tuple[Any, ...]:
         storage.list_conversations(session=session, user_id=uid),
         storage.list_messages(session=session, user_id=uid, conversation_id=conversation_id),
         storage.list_feedback(session=session, user_id=uid),
+        storage.get_memory_snapshot(session=session, user_id=uid, conversation_id=conversation_id),
+        storage.list_preference_events(session=session, user_id=uid, persona_id=owner.persona.id),
+        storage.list_studio_runs(session=session, user_id=uid),
     )
 
 
@@ -73,6 +89,10 @@ READS: dict[str, Case] = {
         session=s, user_id=b.user.id, conversation_id=a.conversation.id
     ),
     "get_message": lambda s, a, b: storage.get_message(session=s, user_id=b.user.id, message_id=a.message.id),
+    "get_memory_snapshot": lambda s, a, b: storage.get_memory_snapshot(
+        session=s, user_id=b.user.id, conversation_id=a.conversation.id
+    ),
+    "get_studio_run": lambda s, a, b: storage.get_studio_run(session=s, user_id=b.user.id, run_id=a.run.id),
 }
 
 LISTS: dict[str, Case] = {
@@ -88,6 +108,10 @@ LISTS: dict[str, Case] = {
     "list_feedback/conversation": lambda s, a, b: storage.list_feedback(
         session=s, user_id=b.user.id, conversation_id=a.conversation.id
     ),
+    "list_preference_events": lambda s, a, b: storage.list_preference_events(
+        session=s, user_id=b.user.id, persona_id=a.persona.id
+    ),
+    "list_studio_runs": lambda s, a, b: storage.list_studio_runs(session=s, user_id=b.user.id),
 }
 
 DELETES: dict[str, Case] = {
@@ -96,6 +120,10 @@ DELETES: dict[str, Case] = {
         session=s, user_id=b.user.id, conversation_id=a.conversation.id
     ),
     "delete_message": lambda s, a, b: storage.delete_message(session=s, user_id=b.user.id, message_id=a.message.id),
+    "delete_memory_snapshot": lambda s, a, b: storage.delete_memory_snapshot(
+        session=s, user_id=b.user.id, conversation_id=a.conversation.id
+    ),
+    "delete_studio_run": lambda s, a, b: storage.delete_studio_run(session=s, user_id=b.user.id, run_id=a.run.id),
 }
 
 WRITES: dict[str, Case] = {
@@ -140,12 +168,35 @@ WRITES: dict[str, Case] = {
     "set_feedback/clear": lambda s, a, b: storage.set_feedback(
         session=s, user_id=b.user.id, message_id=a.message.id, value=0
     ),
+    "set_persona_learning": lambda s, a, b: storage.set_persona_learning(
+        session=s, user_id=b.user.id, persona_id=a.persona.id, enabled=True
+    ),
+    "set_memory_snapshot": lambda s, a, b: storage.set_memory_snapshot(
+        session=s, user_id=b.user.id, conversation_id=a.conversation.id, path="x", policy="dense", model="m",
+        last_message_id=a.message.id, message_count=1, kv_bytes=1,
+    ),
+    "add_preference_event": lambda s, a, b: storage.add_preference_event(
+        session=s, user_id=b.user.id, persona_id=a.persona.id, kind="thumb", prompt="q", chosen="x"
+    ),
+    "add_preference_event/own-persona-their-message": lambda s, a, b: storage.add_preference_event(
+        session=s, user_id=b.user.id, persona_id=b.persona.id, kind="thumb", prompt="q", chosen="x",
+        message_id=a.message.id,
+    ),
 }
 
+
+COUNTS: dict[str, Case] = {
+    "delete_preference_events_for_message": lambda s, a, b: storage.delete_preference_events_for_message(
+        session=s, user_id=b.user.id, message_id=a.message.id
+    ),
+}
 
 CREATES: dict[str, Case] = {
     "create_persona": lambda s, a, b: storage.create_persona(session=s, user_id=b.user.id, name="new", data={}),
     "create_conversation": lambda s, a, b: storage.create_conversation(session=s, user_id=b.user.id, title="new"),
+    "save_studio_run": lambda s, a, b: storage.save_studio_run(
+        session=s, user_id=b.user.id, kind="compare", title="new", data={}
+    ),
 }
 
 
@@ -191,6 +242,14 @@ def test_writes_to_or_attaching_other_users_rows_raise_not_found(
     _check(session, a, b, case, expect)
 
 
+@pytest.mark.parametrize("case", COUNTS.values(), ids=COUNTS.keys())
+def test_bulk_deletes_of_other_users_rows_remove_nothing(session: Session, a: Owned, b: Owned, case: Case) -> None:
+    def expect(call: Callable[[], Any]) -> None:
+        assert call() == 0
+
+    _check(session, a, b, case, expect)
+
+
 @pytest.mark.parametrize("case", CREATES.values(), ids=CREATES.keys())
 def test_created_rows_belong_only_to_their_creator(session: Session, a: Owned, b: Owned, case: Case) -> None:
     def expect(call: Callable[[], Any]) -> None:
@@ -201,12 +260,15 @@ def test_created_rows_belong_only_to_their_creator(session: Session, a: Owned, b
 
 def test_each_user_sees_exactly_their_own_rows(session: Session, a: Owned, b: Owned) -> None:
     for owner in (a, b):
-        personas, versions, conversations, messages, feedback = _everything(session, owner)
+        personas, versions, conversations, messages, feedback, snapshot, events, runs = _everything(session, owner)
         assert [p.id for p in personas] == [owner.persona.id]
         assert {v.persona_id for v in versions} == {owner.persona.id} and len(versions) == 2
         assert [c.id for c in conversations] == [owner.conversation.id]
         assert [m.id for m in messages] == [owner.message.id]
         assert feedback == [owner.feedback]
+        assert snapshot == owner.snapshot
+        assert events == [owner.event]
+        assert runs == [owner.run]
 
 
 def test_not_found_reads_the_same_as_a_missing_row(session: Session, a: Owned, b: Owned) -> None:
@@ -225,5 +287,5 @@ def test_every_user_scoped_function_is_covered() -> None:
         if inspect.isfunction(getattr(storage, name))
         and "user_id" in inspect.signature(getattr(storage, name)).parameters
     }
-    covered = {key.split("/")[0] for cases in (READS, LISTS, DELETES, WRITES, CREATES) for key in cases}
+    covered = {key.split("/")[0] for cases in (READS, LISTS, DELETES, WRITES, COUNTS, CREATES) for key in cases}
     assert scoped - covered == set()
