@@ -20,6 +20,9 @@ from personalign.accounts import AccountService
 from personalign.engine import Engine
 from personalign.errors import NotFoundError, UserError, user_errors
 from personalign.generation import GenerationConfig
+from personalign.memory import MemoryMeter, MemoryPolicy
+from personalign.memory_store import MemoryStore, Position, Turns
+from personalign.persona import Persona
 from personalign.personas import PersonaService
 from personalign.prompts import Message, Mode, build_messages
 
@@ -35,6 +38,7 @@ class ConversationSummary:
     title: str
     persona_id: int | None
     mode: str
+    memory: str
     updated_at: datetime
 
 
@@ -47,6 +51,8 @@ class ChatTurn:
     content: str
     prompt: str | None
     feedback: int
+    mode: str | None = None
+    persona_version_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -60,16 +66,20 @@ class ReplyUpdate:
     stopped: bool = False
     assistant_message_id: int | None = None
     tokens_per_second: float | None = None
+    status: str = ""  # what is happening before the first token (e.g. a memory being rebuilt)
+    meter: MemoryMeter | None = None  # on the last update: what the model holds of the chat
 
 
 class ChatService:
     """Chat operations for one signed-in user at a time, over one shared engine."""
 
-    def __init__(self, db: storage.Database, engine: Engine, accounts: AccountService, personas: PersonaService) -> None:
+    def __init__(self, db: storage.Database, engine: Engine, accounts: AccountService, personas: PersonaService,
+                 memories: MemoryStore) -> None:
         self._db = db
         self._engine = engine
         self._accounts = accounts
         self._personas = personas
+        self._memories = memories
         self._stops: dict[str | None, threading.Event] = {}
         self._stops_lock = threading.Lock()
 
@@ -81,10 +91,12 @@ class ChatService:
         return [_summary(c) for c in rows]
 
     def new_conversation(self, user: str | None, title: str = "New chat", persona_id: int | None = None,
-                         mode: Mode | str = Mode.NONE) -> ConversationSummary:
+                         mode: Mode | str = Mode.NONE,
+                         memory: MemoryPolicy | str = MemoryPolicy.DENSE) -> ConversationSummary:
         with self._db.session() as s, user_errors():
             row = storage.create_conversation(session=s, user_id=self._accounts.user_id(user), title=title,
-                                              persona_id=persona_id, mode=Mode(mode).value)
+                                              persona_id=persona_id, mode=Mode(mode).value,
+                                              memory=_policy(memory).value)
         return _summary(row)
 
     def conversation(self, user: str | None, conversation_id: int) -> ConversationSummary:
@@ -100,9 +112,11 @@ class ChatService:
                                         conversation_id=conversation_id, title=title)
 
     def delete(self, user: str | None, conversation_id: int) -> None:
+        user_id = self._accounts.user_id(user)
+        self.conversation(user, conversation_id)
+        self._memories.forget(user_id, conversation_id)
         with self._db.session() as s:
-            if not storage.delete_conversation(session=s, user_id=self._accounts.user_id(user),
-                                               conversation_id=conversation_id):
+            if not storage.delete_conversation(session=s, user_id=user_id, conversation_id=conversation_id):
                 raise NotFoundError(f"Conversation {conversation_id} was not found.")
 
     def turns(self, user: str | None, conversation_id: int) -> list[ChatTurn]:
@@ -112,21 +126,29 @@ class ChatService:
             messages = storage.list_messages(session=s, user_id=user_id, conversation_id=conversation_id)
             votes = {f.message_id: f.value for f in storage.list_feedback(session=s, user_id=user_id,
                                                                             conversation_id=conversation_id)}
-        return [ChatTurn(m.id, m.role, m.content, m.prompt, votes.get(m.id, 0)) for m in messages]
+        return [ChatTurn(m.id, m.role, m.content, m.prompt, votes.get(m.id, 0), m.mode, m.persona_version_id)
+                for m in messages]
 
     # Replies -------------------------------------------------------------------------------
 
     def send(self, user: str | None, conversation_id: int | None, text: str, *, persona_id: int | None,
-             mode: Mode | str, generation: GenerationConfig) -> Iterator[ReplyUpdate]:
-        """Store the user's message and stream an aligned reply; a None conversation starts one."""
+             mode: Mode | str, generation: GenerationConfig,
+             memory: MemoryPolicy | str | None = None) -> Iterator[ReplyUpdate]:
+        """Store the user's message and stream an aligned reply; a None conversation starts one.
+
+        ``memory`` switches the conversation's memory policy from this turn on (None keeps it).
+        """
         text = _check_message(text)
         mode = Mode(mode)
+        policy = None if memory is None else _policy(memory)
         if conversation_id is None:
-            conversation_id = self.new_conversation(user, _title(text), persona_id, mode).id
+            conversation_id = self.new_conversation(user, _title(text), persona_id, mode,
+                                                    policy or MemoryPolicy.DENSE).id
         user_id = self._accounts.user_id(user)
         with self._db.session() as s, user_errors():
             storage.update_conversation_settings(session=s, user_id=user_id, conversation_id=conversation_id,
-                                                 persona_id=persona_id, mode=mode.value)
+                                                 persona_id=persona_id, mode=mode.value,
+                                                 memory=None if policy is None else policy.value)
             storage.add_message(session=s, user_id=user_id, conversation_id=conversation_id, role="user", content=text)
         return self._reply(user, conversation_id, persona_id, mode, generation)
 
@@ -162,20 +184,107 @@ class ChatService:
 
     def _reply(self, user: str | None, conversation_id: int, persona_id: int | None, mode: Mode,
                generation: GenerationConfig) -> Iterator[ReplyUpdate]:
-        history = self._history(user, conversation_id)
-        if not history or history[-1]["role"] != "user":
+        stored = self.turns(user, conversation_id)
+        if not stored or stored[-1].role != "user":
             raise UserError("The conversation does not end with a message to answer.")
+        policy = MemoryPolicy(self.conversation(user, conversation_id).memory)
+        if policy.streaming:
+            return self._reply_from_memory(user, conversation_id, persona_id, mode, generation, policy, stored)
+        history = [_message(t) for t in stored]
         messages, version_id = self._messages(user, history[:-1], history[-1]["content"], persona_id, mode,
                                               generation.max_new_tokens)
         prompt = self._engine.render(messages)
+        stop = self._stop_event(user)
+        tokens = self._engine.stream(messages, generation, stop_event=stop)
+        return self._stream(user, conversation_id, tokens, prompt, version_id, mode, stop)
+
+    def _reply_from_memory(self, user, conversation_id, persona_id, mode, generation, policy,
+                           stored: list[ChatTurn]) -> Iterator[ReplyUpdate]:
+        """Answer on top of the conversation's streaming memory: only the new turn is read."""
+        persona, version_id = self._persona(user, persona_id, mode)
+        if generation.persona_strength:
+            raise UserError("Persona strength needs dense memory (it compares two full prompts); "
+                            "set it to 0 or switch this chat's memory to dense.")
+        messages = build_messages(mode, persona, [], stored[-1].content)
+        earlier = stored[:-1]
+        at = Position(len(earlier), earlier[-1].id if earlier else None)
+        return self._memory_stream(user, conversation_id, policy, at, stored, messages, version_id, mode, generation)
+
+    def _memory_stream(self, user, conversation_id, policy, at, stored, messages, version_id, mode,
+                       generation) -> Iterator[ReplyUpdate]:
+        user_id = self._accounts.user_id(user)
+        stop = self._stop_event(user)
+        try:
+            memory = yield from self._acquire(user, conversation_id, policy, at, stored[:-1], stop)
+            if memory is None:  # stopped while rebuilding: nothing generated, nothing lost
+                yield ReplyUpdate(conversation_id, "", "", done=True, stopped=True)
+                return
+            self._memories.begin(user_id, conversation_id, memory)
+            shown = memory.turn_prompt(self._engine.loaded, messages)[1]
+            prompt = f"[{policy.value} memory: {memory.cached_tokens():,} cached tokens, then]\n{shown}"
+            tokens = self._engine.stream_turn(memory, messages, generation, stop_event=stop)
+        except BaseException:
+            self._release_stop(user, stop)
+            raise
+
+        def commit(reply_id: int | None) -> None:
+            count = len(stored) + (reply_id is not None)
+            self._memories.commit(user_id, conversation_id, memory, Position(count, reply_id or stored[-1].id))
+
+        yield from self._stream(user, conversation_id, tokens, prompt, version_id, mode, stop, after_store=commit)
+
+    def _acquire(self, user, conversation_id, policy, at, earlier, stop):
+        """The memory at ``at``, yielding progress updates while it has to be rebuilt; None if stopped."""
+        acquiring = self._memories.acquire(self._accounts.user_id(user), conversation_id, policy, at,
+                                           lambda: self._replay(user, earlier))
+        while True:
+            try:
+                done, total = next(acquiring)
+            except StopIteration as finished:
+                return finished.value
+            if stop.is_set():
+                acquiring.close()
+                return None
+            if done == 1 or done == total or done % 10 == 0:
+                yield ReplyUpdate(conversation_id, "", "", status=f"Rebuilding the {policy.value} memory from the "
+                                  f"stored chat: turn {done:,} of {total:,}")
+
+    def _replay(self, user: str | None, stored: list[ChatTurn]) -> Turns:
+        """Stored messages as (prompt messages, reply) turns, framed as they were when answered."""
+        turns: Turns = []
+        for turn in stored:
+            if turn.role == "user":
+                turns.append(([{"role": "user", "content": turn.content}], ""))
+            elif turns and not turns[-1][1]:
+                framed = self._framed(user, turn, turns[-1][0][-1]["content"])
+                turns[-1] = (framed, turn.content)
+        return turns
+
+    def _framed(self, user: str | None, reply: ChatTurn, question: str) -> list[Message]:
+        """The prompt messages a stored reply answered: its mode and persona version, if still there."""
+        try:
+            mode = Mode(reply.mode or Mode.NONE)
+            persona = self._personas.version(user, reply.persona_version_id) if reply.persona_version_id else None
+            if mode is not Mode.NONE and persona is not None:
+                return build_messages(mode, persona, [], question)
+        except (NotFoundError, ValueError):
+            pass  # the persona version was deleted: the plain question is the best replay left
+        return [{"role": "user", "content": question}]
+
+    def _stop_event(self, user: str | None) -> threading.Event:
         stop = threading.Event()
         with self._stops_lock:
             self._stops[user] = stop
-        return self._stream(user, conversation_id, messages, prompt, version_id, mode, generation, stop)
+        return stop
 
-    def _stream(self, user, conversation_id, messages, prompt, version_id, mode, generation, stop) -> Iterator[ReplyUpdate]:
+    def _release_stop(self, user: str | None, stop: threading.Event) -> None:
+        with self._stops_lock:
+            if self._stops.get(user) is stop:
+                del self._stops[user]
+
+    def _stream(self, user, conversation_id, tokens, prompt, version_id, mode, stop,
+                after_store=None) -> Iterator[ReplyUpdate]:
         text = ""
-        tokens = self._engine.stream(messages, generation, stop_event=stop)
         try:
             yield ReplyUpdate(conversation_id, text, prompt)
             for text in tokens:
@@ -184,14 +293,15 @@ class ChatService:
             # Runs on normal end, on stop, and when the caller abandons the stream: the model
             # is released at once and whatever was generated is kept.
             tokens.close()
-            with self._stops_lock:
-                if self._stops.get(user) is stop:
-                    del self._stops[user]
+            self._release_stop(user, stop)
             message_id = self._store_reply(user, conversation_id, text, prompt, version_id, mode)
+            if after_store is not None:
+                after_store(message_id)
         stats = self._engine.last_stats
         yield ReplyUpdate(conversation_id, text, prompt, done=True, stopped=stop.is_set(),
                           assistant_message_id=message_id,
-                          tokens_per_second=getattr(stats, "tokens_per_second", None))
+                          tokens_per_second=getattr(stats, "tokens_per_second", None),
+                          meter=getattr(stats, "memory", None))
 
     def _store_reply(self, user, conversation_id, text, prompt, version_id, mode) -> int | None:
         if not text:
@@ -203,17 +313,21 @@ class ChatService:
         return row.id
 
     def _history(self, user: str | None, conversation_id: int) -> list[Message]:
-        return [{"role": t.role, "content": t.content} for t in self.turns(user, conversation_id)]
+        return [_message(t) for t in self.turns(user, conversation_id)]
+
+    def _persona(self, user: str | None, persona_id: int | None, mode: Mode) -> tuple[Persona | None, int | None]:
+        """The persona (and its current version id) a mode needs; (None, None) for plain chat."""
+        if mode is Mode.NONE:
+            return None, None
+        if persona_id is None:
+            raise UserError(f"{mode.label} needs a persona: pick one, or choose mode 'none'.")
+        state = self._personas.load(user, persona_id)
+        return state.persona, state.version_id
 
     def _messages(self, user, history: list[Message], text: str, persona_id: int | None, mode: Mode,
                   max_new_tokens: int) -> tuple[list[Message], int | None]:
         """Prompt messages that fit the model's context, dropping the oldest turns first."""
-        persona, version_id = None, None
-        if mode is not Mode.NONE:
-            if persona_id is None:
-                raise UserError(f"{mode.label} needs a persona: pick one, or choose mode 'none'.")
-            state = self._personas.load(user, persona_id)
-            persona, version_id = state.persona, state.version_id
+        persona, version_id = self._persona(user, persona_id, mode)
         budget = self._engine.max_context() - max_new_tokens
         while True:
             messages = build_messages(mode, persona, history, text)
@@ -239,4 +353,16 @@ def _title(text: str) -> str:
 
 
 def _summary(row: storage.ConversationPublic) -> ConversationSummary:
-    return ConversationSummary(row.id, row.title, row.persona_id, row.mode, row.updated_at)
+    return ConversationSummary(row.id, row.title, row.persona_id, row.mode, row.memory, row.updated_at)
+
+
+def _message(turn: ChatTurn) -> Message:
+    return {"role": turn.role, "content": turn.content}
+
+
+def _policy(memory: MemoryPolicy | str) -> MemoryPolicy:
+    try:
+        return MemoryPolicy(memory)
+    except ValueError:
+        choices = ", ".join(p.value for p in MemoryPolicy)
+        raise UserError(f"Unknown memory policy {memory!r}; choose one of {choices}.") from None

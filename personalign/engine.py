@@ -8,6 +8,7 @@ timings honest. Each reply streams its cumulative text as it grows.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
 from collections.abc import Generator
@@ -16,8 +17,12 @@ from typing import Any
 
 import torch
 
+from personalign.errors import UserError
 from personalign.generation import GenerationConfig, TextAccumulator, generate_tokens
+from personalign.memory import ConversationMemory, MemoryMeter, MemoryPolicy, Message, dense_meter, replay
 from personalign.models import LoadedModel
+
+log = logging.getLogger(__name__)
 
 # Context lengths beyond this are rarely usable on one consumer device (KV cache memory).
 MAX_CONTEXT_CAP = 32_768
@@ -34,6 +39,7 @@ class StreamStats:
     first_token_seconds: float  # time to first generated token (mostly prefill)
     tokens_per_second: float
     finish_reason: str  # "stop" (end-of-turn token) | "length" (max_new_tokens) | "cancelled"
+    memory: MemoryMeter | None = None  # what the model holds of the conversation after this reply
 
 
 class Engine:
@@ -118,8 +124,60 @@ class Engine:
             config = dataclasses.replace(config, max_new_tokens=room)
         return self._stream(ids, config, stop_event)
 
+    def stream_turn(
+        self,
+        memory: ConversationMemory,
+        messages: list[Message],
+        config: GenerationConfig,
+        *,
+        stop_event: threading.Event | None = None,
+    ) -> Generator[str, None, StreamStats | None]:
+        """Like ``stream``, but reading only the new turn on top of a streaming ``memory``.
+
+        ``messages`` are the turn's prompt messages (a system message, if any, then the new
+        user message); the memory already holds every earlier turn. The reply is closed into
+        the memory when the stream ends, however it ends.
+        """
+        ids, _ = memory.turn_prompt(self.loaded, messages)
+        room = self.max_context() - memory.cached_tokens() - len(ids)
+        if room < 1:
+            raise UserError(
+                f"The memory and this message fill the model's context ({self.max_context()} tokens). "
+                "Start a new chat, or switch this one to a policy that keeps less."
+            )
+        if config.max_new_tokens > room:
+            config = dataclasses.replace(config, max_new_tokens=room)
+        return self._stream(ids, config, stop_event, memory=memory, messages=messages)
+
+    def rebuild_memory(
+        self, policy: MemoryPolicy | str, turns: list[tuple[list[Message], str]]
+    ) -> Generator[tuple[int, int], None, ConversationMemory]:
+        """Replay stored turns into a fresh streaming memory, yielding (turns done, total).
+
+        Holds the lock throughout, as it runs the model; exhaust or ``close()`` the iterator.
+        """
+        with self._lock:
+            return (yield from replay(self.loaded, policy, turns))
+
+    def empty_memory(self, policy: MemoryPolicy | str) -> ConversationMemory:
+        return ConversationMemory.empty(policy, self.loaded)
+
+    def load_memory(self, path: Any, policy: MemoryPolicy | str) -> ConversationMemory:
+        """A saved memory for this engine's model; ``MemoryFileError`` when it does not fit."""
+        with self._lock:  # moving tensors onto the device while a reply runs would contend
+            return ConversationMemory.load(path, self.loaded, policy)
+
+    def dense_meter(self, tokens: int) -> MemoryMeter:
+        return dense_meter(self.loaded, tokens)
+
     def _stream(
-        self, ids: list[int], config: GenerationConfig, stop_event: threading.Event | None
+        self,
+        ids: list[int],
+        config: GenerationConfig,
+        stop_event: threading.Event | None,
+        *,
+        memory: ConversationMemory | None = None,
+        messages: list[Message] | None = None,
     ) -> Generator[str, None, StreamStats | None]:
         should_stop = stop_event.is_set if stop_event is not None else None
         # Poll so that a request cancelled while queued does not wait for its turn.
@@ -131,20 +189,35 @@ class Engine:
         first_token_at = start
         new_tokens = 0
         completed = False
+        text = TextAccumulator(loaded.tokenizer)
+        shown = ""
         try:
-            text = TextAccumulator(loaded.tokenizer)
-            input_ids = torch.tensor([ids], dtype=torch.long, device=loaded.device)  # (1, T)
+            feed, cache = ids, None
+            if memory is not None:
+                feed, cache = memory.begin_turn(loaded, ids), memory.cache
+            input_ids = torch.tensor([feed], dtype=torch.long, device=loaded.device)  # (1, T)
             for token_id in generate_tokens(
-                loaded.model, input_ids, config, stop_token_ids=loaded.stop_token_ids, should_stop=should_stop
+                loaded.model,
+                input_ids,
+                config,
+                stop_token_ids=loaded.stop_token_ids,
+                cache=cache,
+                should_stop=should_stop,
             ):
                 new_tokens += 1
                 if new_tokens == 1:
                     first_token_at = time.perf_counter()
                 update = text.add(token_id)
                 if update is not None:
+                    shown = update
                     yield update
             completed = True
         finally:
+            meter = None
+            if memory is not None:
+                meter = self._close_turn(memory, messages or [], ids, text.token_ids, shown)
+            else:
+                meter = dense_meter(loaded, len(ids) + new_tokens)
             # Also on close() or an error, so last_stats always describes this reply.
             seconds = time.perf_counter() - start
             if not completed or (should_stop is not None and should_stop()):
@@ -160,7 +233,20 @@ class Engine:
                 first_token_seconds=first_token_at - start,
                 tokens_per_second=new_tokens / seconds if seconds > 0 else 0.0,
                 finish_reason=reason,
+                memory=meter,
             )
             self.last_stats = stats
             self._lock.release()
         return stats
+
+    def _close_turn(self, memory: ConversationMemory, messages: list[Message], ids: list[int],
+                    reply_ids: list[int], reply_text: str) -> MemoryMeter | None:
+        """Close the reply into the memory; a failure marks the memory broken rather than raising
+        from a ``finally`` (the stored chat stays right, and the memory is rebuilt from it)."""
+        try:
+            memory.end_turn(self.loaded, messages, ids, reply_ids, reply_text)
+            return memory.meter(self.loaded)
+        except Exception:
+            log.exception("closing the turn into the %s memory failed; it will be rebuilt", memory.policy.value)
+            memory.intact = False
+            return None

@@ -13,6 +13,7 @@ import storage
 from personalign.accounts import AccountService
 from personalign.chat import ChatService
 from personalign.engine import Engine
+from personalign.memory_store import MemoryStore
 from personalign.personas import PersonaService
 
 
@@ -28,4 +29,6 @@ def build_services(db: storage.Database, engine: Engine) -> Services:
     """Wire the services over one database and one engine shared by all users."""
     accounts = AccountService(db)
     personas = PersonaService(db, accounts)
-    return Services(accounts, personas, ChatService(db, engine, accounts, personas), engine.info())
+    # Saved conversation memories sit beside the database, in the same data folder.
+    memories = MemoryStore(db, engine, db.path.parent / "memory")
+    return Services(accounts, personas, ChatService(db, engine, accounts, personas, memories), engine.info())

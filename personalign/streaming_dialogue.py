@@ -126,6 +126,43 @@ class StreamingDialogueCache(DynamicCache):
         """The position each cached entry was rotated with (as of the last ``compress``)."""
         return list(self._rope)
 
+    @property
+    def tokens_seen(self) -> int:
+        """Tokens fed over the whole dialogue (what a dense cache would hold), as of the last ``compress``."""
+        return self._seen
+
+    def export_state(self) -> dict[str, Any]:
+        """The compressed cache as plain tensors and lists, for ``torch.save`` (CPU copies).
+
+        Only a compressed cache can be exported: between ``compress`` calls the entries fed
+        since have no recorded ids yet.
+        """
+        if self.get_seq_length() != len(self._tokens):
+            raise ValueError("export_state needs a compressed cache: call compress() first")
+        layers = [
+            (layer.keys.detach().to("cpu"), layer.values.detach().to("cpu"))
+            for layer in self.layers
+            if getattr(layer, "is_initialized", False)
+        ]
+        return {"tokens": list(self._tokens), "kept": list(self._kept), "rope": list(self._rope),
+                "seen": self._seen, "layers": layers}
+
+    def load_state(self, state: dict[str, Any], device: torch.device | str) -> None:
+        """Fill this empty cache from ``export_state``'s output, on ``device``."""
+        if self.get_seq_length() != 0:
+            raise ValueError("load_state needs an empty cache")
+        tokens, layers = [int(t) for t in state["tokens"]], state["layers"]
+        if not layers or any(k.shape[-2] != len(tokens) or v.shape != k.shape for k, v in layers):
+            raise ValueError("the saved layers do not match the saved token list")
+        if not len(state["kept"]) == len(state["rope"]) == len(tokens):
+            raise ValueError("the saved positions do not match the saved token list")
+        for index, (keys, values) in enumerate(layers):
+            self.update(keys.to(device), values.to(device), index)  # (B, H, K, D) each
+        self._tokens = tokens
+        self._kept = [int(p) for p in state["kept"]]
+        self._rope = [int(p) for p in state["rope"]]
+        self._seen = int(state["seen"])
+
     def kv_bytes(self) -> int:
         """Bytes held by keys and values over all layers, for a memory meter."""
         total = 0

@@ -1,0 +1,140 @@
+"""Where conversations' streaming memories live: in RAM while active, in a file always.
+
+After every turn the memory is written to ``<root>/<user id>/<conversation id>.pt`` and
+recorded in the database with the stored message it ends at, so reopening a long chat
+resumes from the file instead of re-reading the history. A memory is used only when it
+ends exactly at the conversation's last stored message before the new one; otherwise (a
+missing, damaged or stale file, a changed policy or model) it is rebuilt from the stored
+messages, which are the source of truth: nothing is lost, it only costs time.
+
+It knows storage's typed functions and the engine; it knows nothing of prompts or the UI.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from pathlib import Path
+
+import storage
+from personalign.engine import Engine
+from personalign.memory import ConversationMemory, MemoryFileError, MemoryPolicy, Message
+
+log = logging.getLogger(__name__)
+
+Turns = list[tuple[list[Message], str]]
+
+
+@dataclass(frozen=True)
+class Position:
+    """The stored messages a memory must cover: how many, and the id of the newest."""
+
+    message_count: int
+    last_message_id: int | None
+
+    def of(self, memory: ConversationMemory) -> bool:
+        return memory.intact and (memory.message_count, memory.last_message_id) == (
+            self.message_count, self.last_message_id)
+
+
+class MemoryStore:
+    """Per-conversation streaming memories over one engine, shared by all users."""
+
+    def __init__(self, db: storage.Database, engine: Engine, root: Path, capacity: int = 8) -> None:
+        self._db = db
+        self._engine = engine
+        self.root = Path(root)
+        self._capacity = capacity
+        # (user id, conversation id) -> (memory now, memory before its last turn); the second
+        # lets "answer again" resume without a rebuild.
+        self._live: OrderedDict[tuple[int, int], tuple[ConversationMemory, ConversationMemory | None]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def path(self, user_id: int, conversation_id: int) -> Path:
+        return self.root / self._reference(user_id, conversation_id)
+
+    @staticmethod
+    def _reference(user_id: int, conversation_id: int) -> str:
+        # Stored relative to the root, so the data folder can move as a whole.
+        return f"{user_id}/{conversation_id}.pt"
+
+    def acquire(
+        self, user_id: int, conversation_id: int, policy: MemoryPolicy, at: Position, turns: Callable[[], Turns]
+    ) -> Generator[tuple[int, int], None, ConversationMemory]:
+        """The memory covering exactly the messages at ``at``: from RAM, from its file, or rebuilt.
+
+        Yields (turns replayed, total) while rebuilding; ``turns`` gives the stored turns then.
+        """
+        key = (user_id, conversation_id)
+        with self._lock:
+            current, previous = self._live.pop(key, (None, None))
+        for candidate in (current, previous):
+            if candidate is not None and candidate.policy is policy and at.of(candidate):
+                return candidate if candidate is current else copy.deepcopy(candidate)
+        memory = self._from_file(user_id, conversation_id, policy, at)
+        if memory is not None:
+            return memory
+        if at.message_count == 0:
+            memory = self._engine.empty_memory(policy)
+        else:
+            log.info("rebuilding the %s memory of conversation %s from %d messages", policy.value, conversation_id,
+                     at.message_count)
+            memory = yield from self._engine.rebuild_memory(policy, turns())
+        memory.message_count, memory.last_message_id = at.message_count, at.last_message_id
+        return memory
+
+    def begin(self, user_id: int, conversation_id: int, memory: ConversationMemory) -> None:
+        """Note the memory as it is before a turn, so the turn can be answered again cheaply."""
+        with self._lock:
+            self._live[(user_id, conversation_id)] = (memory, copy.deepcopy(memory))
+            self._live.move_to_end((user_id, conversation_id))
+            while len(self._live) > self._capacity:
+                self._live.popitem(last=False)
+
+    def commit(self, user_id: int, conversation_id: int, memory: ConversationMemory, at: Position) -> None:
+        """Record that ``memory`` now covers the messages at ``at``, and save it."""
+        if not memory.intact:
+            self.forget(user_id, conversation_id)
+            return
+        memory.message_count, memory.last_message_id = at.message_count, at.last_message_id
+        path = self.path(user_id, conversation_id)
+        try:
+            memory.save(path)
+            with self._db.session() as s:
+                storage.set_memory_snapshot(
+                    session=s, user_id=user_id, conversation_id=conversation_id,
+                    path=self._reference(user_id, conversation_id),
+                    policy=memory.policy.value, model=memory.model_name, last_message_id=at.last_message_id or 0,
+                    message_count=at.message_count, kv_bytes=memory.cache.kv_bytes(),
+                )
+        except (OSError, storage.NotFound) as exc:  # a full disk or a chat deleted meanwhile: RAM still serves
+            log.warning("could not save the memory of conversation %s: %s", conversation_id, exc)
+
+    def forget(self, user_id: int, conversation_id: int) -> None:
+        """Drop a conversation's memory everywhere (its chat was deleted, or the memory broke)."""
+        with self._lock:
+            self._live.pop((user_id, conversation_id), None)
+        self.path(user_id, conversation_id).unlink(missing_ok=True)
+        with self._db.session() as s:
+            storage.delete_memory_snapshot(session=s, user_id=user_id, conversation_id=conversation_id)
+
+    def _from_file(self, user_id: int, conversation_id: int, policy: MemoryPolicy,
+                   at: Position) -> ConversationMemory | None:
+        with self._db.session() as s:
+            record = storage.get_memory_snapshot(session=s, user_id=user_id, conversation_id=conversation_id)
+        if record is None:
+            return None
+        stale = (record.policy != policy.value or record.message_count != at.message_count
+                 or record.last_message_id != (at.last_message_id or 0))
+        if stale:
+            return None
+        try:
+            memory = self._engine.load_memory(self.root / record.path, policy)
+        except MemoryFileError as exc:
+            log.warning("conversation %s: %s; rebuilding from the stored messages", conversation_id, exc)
+            return None
+        return memory if at.of(memory) else None

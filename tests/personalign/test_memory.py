@@ -1,0 +1,164 @@
+"""Conversation memory: incremental turns, the meter, replay, and the saved file, on the tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from personalign.engine import Engine
+from personalign.generation import GenerationConfig, generate_tokens
+from personalign.memory import (
+    ConversationMemory,
+    MemoryFileError,
+    MemoryPolicy,
+    MemoryTemplateError,
+    dense_meter,
+    kv_bytes_per_token,
+    replay,
+)
+from personalign.streaming_dialogue import kept_indices
+
+GREEDY = GenerationConfig(max_new_tokens=8, temperature=0)
+TURNS = [
+    ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}], "Hello!"),
+    ([{"role": "user", "content": "My code is 4721"}], "Noted."),
+    ([{"role": "user", "content": "What is it?"}], "It is 4721."),
+]
+
+
+def _conversation(turns) -> list[dict[str, str]]:
+    messages = list(turns[0][0])
+    for i, (prompt, reply) in enumerate(turns):
+        if i:
+            messages.append(prompt[-1])
+        messages.append({"role": "assistant", "content": reply})
+    return messages
+
+
+def _replayed(llm, turns, policy=MemoryPolicy.STREAMING_DIALOGUE) -> ConversationMemory:
+    steps = replay(llm, policy, turns)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def test_turns_fed_one_by_one_add_up_to_the_whole_rendered_conversation(tiny_llm) -> None:
+    memory = _replayed(tiny_llm, TURNS)
+    whole = tiny_llm.tokenizer.apply_chat_template(_conversation(TURNS), tokenize=False)
+    ids = tiny_llm.tokenizer(whole, add_special_tokens=False)["input_ids"]
+    # ChatML puts a newline after every <|im_end|>: the last one waits as the next turn's first token.
+    assert memory.cache.tokens_seen + len(memory.pending) == len(ids)
+    fed = ids[: memory.cache.tokens_seen]
+    assert fed[-1] == tiny_llm.eou_token_id
+    assert memory.cache.cached_tokens == [fed[i] for i in kept_indices(fed, tiny_llm.eou_token_id)]
+
+
+def test_first_turn_with_nothing_to_evict_replies_like_dense(tiny_llm) -> None:
+    engine = Engine(tiny_llm)
+    messages = [{"role": "user", "content": "Tell me about the sea"}]
+    dense = list(engine.stream(messages, GREEDY))
+    memory = engine.empty_memory(MemoryPolicy.STREAMING_DIALOGUE)
+    assert list(engine.stream_turn(memory, messages, GREEDY)) == dense
+
+
+def test_second_turn_reads_only_the_new_message(tiny_llm) -> None:
+    engine = Engine(tiny_llm)
+    memory = _replayed(tiny_llm, TURNS[:1])
+    before = memory.cache.tokens_seen
+    ids, text = memory.turn_prompt(tiny_llm, TURNS[1][0])
+    assert text == "<|im_start|>user\nMy code is 4721<|im_end|>\n<|im_start|>assistant\n"
+    assert ids[0] == tiny_llm.tokenizer("\n", add_special_tokens=False)["input_ids"][0]  # the pending newline
+    list(engine.stream_turn(memory, TURNS[1][0], GREEDY))
+    assert engine.last_stats.prompt_tokens == len(ids)
+    assert memory.cache.tokens_seen > before + len(ids)  # the prompt, the reply and its EoU
+
+
+def test_compressed_memory_keeps_one_entry_per_earlier_utterance(tiny_llm) -> None:
+    memory = _replayed(tiny_llm, TURNS)
+    eou = tiny_llm.eou_token_id
+    cached = memory.cache.cached_tokens
+    # system, 3 user and 3 assistant utterances: 7 EoUs, and only the last reply kept whole.
+    assert cached.count(eou) == 7
+    reply = tiny_llm.tokenizer(TURNS[-1][1], add_special_tokens=False)["input_ids"]
+    assert cached[-len(reply) - 1: -1] == reply
+    assert len(cached) < memory.cache.tokens_seen / 3
+
+
+def test_meter_counts_cached_and_dense_bytes(tiny_llm) -> None:
+    memory = _replayed(tiny_llm, TURNS)
+    per_token = kv_bytes_per_token(tiny_llm)
+    assert per_token == 2 * 2 * 16 * 2 * 4  # layers × KV heads × head size × K,V × fp32
+    meter = memory.meter(tiny_llm)
+    assert meter.cached_tokens == len(memory.cache.cached_tokens)
+    assert meter.kv_bytes == meter.cached_tokens * per_token
+    assert meter.dense_kv_bytes == memory.cache.tokens_seen * per_token
+    assert meter.utterances == 7 and meter.reduction == pytest.approx(meter.dense_kv_bytes / meter.kv_bytes)
+    assert dense_meter(tiny_llm, 10).kv_bytes == 10 * per_token
+
+
+def test_saved_memory_round_trips_and_continues_identically(tiny_llm, tmp_path) -> None:
+    engine = Engine(tiny_llm)
+    memory = _replayed(tiny_llm, TURNS)
+    memory.message_count, memory.last_message_id = 6, 42
+    path = tmp_path / "m" / "1.pt"
+    assert memory.save(path) > 0
+    loaded = ConversationMemory.load(path, tiny_llm, MemoryPolicy.STREAMING_DIALOGUE)
+    assert (loaded.anchor, loaded.pending, loaded.message_count, loaded.last_message_id) == (
+        memory.anchor, memory.pending, 6, 42)
+    assert loaded.cache.cached_tokens == memory.cache.cached_tokens
+    assert loaded.cache.rope_positions == memory.cache.rope_positions
+    for a, b in zip(loaded.cache.layers, memory.cache.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    question = [{"role": "user", "content": "Say it again"}]
+    assert list(engine.stream_turn(loaded, question, GREEDY)) == list(engine.stream_turn(memory, question, GREEDY))
+
+
+@pytest.mark.parametrize("damage", ["missing", "garbage", "truncated", "other-model", "other-policy"])
+def test_unusable_memory_files_raise_memory_file_error(tiny_llm, tmp_path, damage) -> None:
+    path = tmp_path / "1.pt"
+    memory = _replayed(tiny_llm, TURNS[:2])
+    policy = MemoryPolicy.STREAMING_DIALOGUE
+    if damage != "missing":
+        memory.save(path)
+    if damage == "garbage":
+        path.write_bytes(b"not a torch file")
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:200])
+    elif damage == "other-model":
+        memory.model_name = "another-model"
+        memory.save(path)
+    elif damage == "other-policy":
+        policy = MemoryPolicy.STREAMING_LLM
+    with pytest.raises(MemoryFileError):
+        ConversationMemory.load(path, tiny_llm, policy)
+
+
+def test_template_that_rewrites_history_is_refused(tiny_llm) -> None:
+    counting = "{{ messages|length }}" + tiny_llm.tokenizer.chat_template
+    original = tiny_llm.tokenizer.chat_template
+    memory = _replayed(tiny_llm, TURNS[:1])
+    tiny_llm.tokenizer.chat_template = counting
+    try:
+        with pytest.raises(MemoryTemplateError):
+            memory.turn_prompt(tiny_llm, TURNS[1][0])
+    finally:
+        tiny_llm.tokenizer.chat_template = original
+
+
+def test_dense_policy_has_no_cache() -> None:
+    assert not MemoryPolicy.DENSE.streaming and MemoryPolicy.STREAMING_DIALOGUE.streaming
+
+
+def test_decode_loop_over_the_memory_cache_matches_stream_turn(tiny_llm) -> None:
+    memory = _replayed(tiny_llm, TURNS[:2])
+    twin = _replayed(tiny_llm, TURNS[:2])
+    question = TURNS[2][0]
+    ids, _ = twin.turn_prompt(tiny_llm, question)
+    rest = twin.begin_turn(tiny_llm, ids)
+    expected = list(generate_tokens(tiny_llm.model, torch.tensor([rest]), GREEDY,
+                                    stop_token_ids=tiny_llm.stop_token_ids, cache=twin.cache))
+    engine = Engine(tiny_llm)
+    list(engine.stream_turn(memory, question, GREEDY))
+    assert engine.last_stats.new_tokens == len(expected)
