@@ -27,11 +27,12 @@ token ids and the EoU / BOS ids. It does not train the sinks (SMR/LMR training l
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from transformers import DynamicCache
+
+from personalign.memory_cache import MemoryCache, close_turn  # noqa: F401  (close_turn is shared)
 
 
 def utterance_index(token_ids: Sequence[int], eou_id: int) -> list[int]:
@@ -92,139 +93,39 @@ def kept_indices(token_ids: Sequence[int], eou_id: int) -> list[int]:
     return sorted(i for i in keep if i < len(ids))
 
 
-class StreamingDialogueCache(DynamicCache):
+class StreamingDialogueCache(MemoryCache):
     """A ``DynamicCache`` that can evict to StreamingDialogue's sinks between turns.
 
     Feed turns as usual (``past_key_values=cache``); then call ``compress(new_token_ids)``
     with the ids of every token fed since the last compress, in order. The fed tokens must
     include the utterance's EoU: a sampled stop token is not fed by a plain decode loop.
+    The bookkeeping (``compress``, positions, ``kv_bytes``, saving) is ``MemoryCache``'s.
     """
 
-    def __init__(self, eou_id: int, bos_id: int | None = None) -> None:
-        # No config: full-attention DynamicLayers only, created lazily per layer; a
-        # sliding-window layer would evict on its own and break the shared bookkeeping.
-        super().__init__()
+    def __init__(
+        self,
+        eou_id: int,
+        bos_id: int | None = None,
+        *,
+        rope_shift: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        super().__init__(rope_shift=rope_shift)
         self.eou_id = int(eou_id)
         self.bos_id = None if bos_id is None else int(bos_id)
-        self._tokens: list[int] = []  # id of each cached entry, in cache order
-        self._kept: list[int] = []  # absolute dialogue index of each cached entry
-        self._rope: list[int] = []  # position each cached entry was rotated with
-        self._seen = 0  # tokens fed over the whole dialogue
 
-    @property
-    def cached_tokens(self) -> list[int]:
-        """Token id of each cached entry (as of the last ``compress``)."""
-        return list(self._tokens)
+    def keep_indices(self, token_ids: Sequence[int]) -> list[int]:
+        """BOS, every earlier EoU and the latest utterance (see ``kept_indices``)."""
+        return kept_indices(token_ids, self.eou_id)
 
-    @property
-    def kept_positions(self) -> list[int]:
-        """Absolute index in the whole dialogue of each cached entry (as of the last ``compress``)."""
-        return list(self._kept)
+    def check_tokens(self, token_ids: Sequence[int]) -> None:
+        """The first cached token must be BOS, the first sink, when a BOS id was given."""
+        if self.bos_id is not None and token_ids and token_ids[0] != self.bos_id:
+            raise ValueError(f"the first cached token is {token_ids[0]}, not BOS {self.bos_id}")
 
-    @property
-    def rope_positions(self) -> list[int]:
-        """The position each cached entry was rotated with (as of the last ``compress``)."""
-        return list(self._rope)
-
-    @property
-    def tokens_seen(self) -> int:
-        """Tokens fed over the whole dialogue (what a dense cache would hold), as of the last ``compress``."""
-        return self._seen
-
-    def export_state(self) -> dict[str, Any]:
-        """The compressed cache as plain tensors and lists, for ``torch.save`` (CPU copies).
-
-        Only a compressed cache can be exported: between ``compress`` calls the entries fed
-        since have no recorded ids yet.
-        """
-        if self.get_seq_length() != len(self._tokens):
-            raise ValueError("export_state needs a compressed cache: call compress() first")
-        layers = [
-            (layer.keys.detach().to("cpu"), layer.values.detach().to("cpu"))
-            for layer in self.layers
-            if getattr(layer, "is_initialized", False)
-        ]
-        return {"tokens": list(self._tokens), "kept": list(self._kept), "rope": list(self._rope),
-                "seen": self._seen, "layers": layers}
-
-    def load_state(self, state: dict[str, Any], device: torch.device | str) -> None:
-        """Fill this empty cache from ``export_state``'s output, on ``device``."""
-        if self.get_seq_length() != 0:
-            raise ValueError("load_state needs an empty cache")
-        tokens, layers = [int(t) for t in state["tokens"]], state["layers"]
-        if not layers or any(k.shape[-2] != len(tokens) or v.shape != k.shape for k, v in layers):
-            raise ValueError("the saved layers do not match the saved token list")
-        if not len(state["kept"]) == len(state["rope"]) == len(tokens):
-            raise ValueError("the saved positions do not match the saved token list")
-        for index, (keys, values) in enumerate(layers):
-            self.update(keys.to(device), values.to(device), index)  # (B, H, K, D) each
-        self._tokens = tokens
-        self._kept = [int(p) for p in state["kept"]]
-        self._rope = [int(p) for p in state["rope"]]
-        self._seen = int(state["seen"])
-
-    def kv_bytes(self) -> int:
-        """Bytes held by keys and values over all layers, for a memory meter."""
-        total = 0
-        for layer in self.layers:
-            for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-                if isinstance(tensor, torch.Tensor):
-                    total += tensor.numel() * tensor.element_size()
-        return total
-
-    def compress(self, new_token_ids: Sequence[int]) -> list[int]:
-        """Record ``new_token_ids`` (fed since the last compress) and evict down to the sinks.
-
-        Returns the kept absolute positions. Every layer keeps the same entries.
-        """
-        new = [int(t) for t in new_token_ids]
-        length = self.get_seq_length()
-        if len(self._tokens) + len(new) != length:
-            raise ValueError(
-                f"cache holds {length} entries but {len(self._tokens)} recorded + {len(new)} new ids were given"
-            )
-        tokens = self._tokens + new
-        if self.bos_id is not None and tokens and tokens[0] != self.bos_id:
-            raise ValueError(f"the first cached token is {tokens[0]}, not BOS {self.bos_id}")
-        # New tokens were placed by the default rule: positions continue from the cache length.
-        start = len(self._rope)
-        absolute = self._kept + list(range(self._seen, self._seen + len(new)))
-        rope = self._rope + list(range(start, start + len(new)))
-        self._seen += len(new)
-
-        keep = kept_indices(tokens, self.eou_id)
-        if len(keep) < length:
-            for layer in self.layers:
-                if not getattr(layer, "is_initialized", False):
-                    continue
-                index = torch.as_tensor(keep, dtype=torch.long, device=layer.keys.device)  # (K,)
-                layer.keys = layer.keys.index_select(-2, index)  # (B, H, T, D) -> (B, H, K, D)
-                layer.values = layer.values.index_select(-2, index)  # (B, H, T, D) -> (B, H, K, D)
-        self._tokens = [tokens[i] for i in keep]
-        self._kept = [absolute[i] for i in keep]
-        self._rope = [rope[i] for i in keep]
-        return list(self._kept)
-
-
-def close_turn(model: Any, cache: StreamingDialogueCache, turn_token_ids: Sequence[int]) -> list[int]:
-    """Finish a turn: feed the tail of ``turn_token_ids`` the cache lacks, then ``compress``.
-
-    ``turn_token_ids`` are all ids of the turn since the last compress, ending with its EoU.
-    A decode loop leaves its last token unfed (a sampled stop token, or the token that hit
-    the length limit), so the EoU, and maybe one more token, still have to go in.
-    Returns the kept absolute positions.
-    """
-    from personalign.generation import prefill
-
-    ids = [int(t) for t in turn_token_ids]
-    if not ids or ids[-1] != cache.eou_id:
-        raise ValueError("a turn must end with the EoU token, the sink that carries it forward")
-    fed = cache.get_seq_length() - len(cache.cached_tokens)
-    if not 0 <= fed <= len(ids):
-        raise ValueError(f"the cache took {fed} tokens this turn but the turn has {len(ids)}")
-    if fed < len(ids):
-        prefill(model, torch.tensor([ids[fed:]], device=model.device), cache)  # (1, missing)
-    return cache.compress(ids)
+    def check_turn(self, turn_token_ids: Sequence[int]) -> None:
+        """A turn must end with the EoU: it is the sink that carries the turn forward."""
+        if not turn_token_ids or turn_token_ids[-1] != self.eou_id:
+            raise ValueError("a turn must end with the EoU token, the sink that carries it forward")
 
 
 @torch.inference_mode()

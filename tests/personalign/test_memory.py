@@ -162,3 +162,9 @@ def test_decode_loop_over_the_memory_cache_matches_stream_turn(tiny_llm) -> None
     engine = Engine(tiny_llm)
     list(engine.stream_turn(memory, question, GREEDY))
     assert engine.last_stats.new_tokens == len(expected)
+
+
+def test_app_memories_keep_kept_keys_in_their_cache_slots(tiny_llm) -> None:
+    for policy in (MemoryPolicy.STREAMING_DIALOGUE, MemoryPolicy.STREAMING_LLM):
+        memory = _replayed(tiny_llm, TURNS, policy)
+        assert memory.cache.rope_positions == list(range(len(memory.cache.cached_tokens)))

@@ -1,0 +1,755 @@
+"""Memory recall, KV bytes, per-turn latency and perplexity: dense vs StreamingLLM vs StreamingDialogue.
+
+    PYTHONPATH=. python benchmarks/memory_recall.py [--model embedded] [--adapter DIR] [--device auto]
+        [--distances 1,10,100] [--trials 3] [--seed 0] [--turns 10,100,1000] [--json out.json]
+
+Dialogues are synthetic and deterministic by seed: small-talk filler, with facts stated at
+known utterances ("My sister's name is Clara.", "The locker code is 4721."). A question about
+a fact comes N utterances after it (N = the distance; 1 = the very next utterance). Recall is
+scored as multiple choice, robust enough for a 135M model: the summed log-prob of each
+candidate answer ("Your sister's name is" + " Clara" / " Maria" / ...; the true value and 3
+distractors of the same type) given the memory state; the top-scoring candidate counts.
+Chance is 25%.
+
+Format: the StreamingDialogue paper's ``BOS u1 EoU u2 EoU ...``, each utterance plain text
+with no speaker tags, closed by the model's end-of-turn token (``<|im_end|>`` for SmolLM2).
+Chosen over ChatML turns because (a) it is the format the SMR/LMR memory training uses, so an
+``--adapter`` is measured on what it learned, and (b) an utterance is then exactly one
+EoU-closed span: ChatML adds ``<|im_start|>role`` tokens and puts the newline after each EoU
+into the next utterance, which blurs "N utterances later" and what each sink summarises.
+
+Memory policies, fed the same dialogue one utterance at a time:
+- ``dense``: the whole history re-read every turn, the oldest utterances dropped (BOS kept)
+  once it no longer fits the model's context minus room for the new turn, as the app does;
+- ``streaming-llm``: ``StreamingLLMCache`` (sinks + a recent window), compressed per utterance;
+- ``streaming-dialogue``: ``StreamingDialogueCache`` (BOS + every EoU + the latest utterance),
+  untrained, and trained when ``--adapter`` is given (a LoRA from ``train-memory``).
+The caches run under either position rule (``--positions``): ``compressed``, the project's rule
+(kept keys keep their rotation, new tokens count from the compressed length), or ``slot``
+(kept keys re-rotated to their slot in the cache, StreamingLLM's rule; see ``memory_cache``).
+
+Beside recall, a single long dialogue is fed to every policy in lockstep and measured at the
+``--turns`` checkpoints: KV bytes held (dense: what its re-read holds, and what it would hold
+without truncation, both from the model config and dtype), perplexity of held-back utterances
+(scored as the next utterance, never fed), and, at the first and last checkpoint, the time of
+one turn (a user utterance in, a ``--reply-tokens`` greedy reply out; dense re-prefills its whole
+truncated history, the caches prefill only the new utterance and compress), taken side by side,
+alternating policies, so the ratios are fair; absolute times count only on the machine used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import json
+import logging
+import math
+import random
+import re
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from personalign.generation import decode_one_token, new_cache, prefill
+from personalign.memory_cache import RopeShift
+from personalign.streaming_dialogue import StreamingDialogueCache
+from personalign.streaming_llm import StreamingLLMCache, StreamingLLMConfig
+
+logger = logging.getLogger("memory_recall")
+
+CANDIDATES = 4  # the true value + 3 distractors
+POSITION_RULES = ("compressed", "slot")
+LEAD = 2  # filler utterances before the oldest fact, so no fact sits right after BOS
+DENSE_RESERVE = 128  # tokens the dense window leaves free for the new turn and its reply
+
+
+# --- synthetic dialogues (pure) -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FactType:
+    """One kind of fact: how it is stated, asked and answered, and the values it can take."""
+
+    key: str
+    statement: str  # "My sister's name is {}."
+    question: str
+    answer: str  # answer opener; the value follows after a space
+    values: tuple[str, ...]
+
+
+FACT_TYPES: tuple[FactType, ...] = (
+    FactType("sister", "My sister's name is {}.", "What is my sister's name?", "Your sister's name is",
+             ("Clara", "Maria", "Sofia", "Helen", "Grace", "Alice", "Laura", "Emma", "Julia", "Nina")),
+    FactType("locker", "The locker code is {}.", "What is the locker code?", "The locker code is",
+             ("4721", "3958", "6104", "8237", "1592", "7046", "2863", "5319", "9480", "6675")),
+    FactType("city", "I grew up in {}.", "Where did I grow up?", "You grew up in",
+             ("Lisbon", "Oslo", "Dublin", "Prague", "Vienna", "Madrid", "Warsaw", "Athens", "Zurich", "Helsinki")),
+    FactType("pet", "My dog is called {}.", "What is my dog called?", "Your dog is called",
+             ("Max", "Rocky", "Buddy", "Charlie", "Bella", "Daisy", "Luna", "Milo", "Toby", "Rosie")),
+    FactType("colour", "My favourite colour is {}.", "What is my favourite colour?", "Your favourite colour is",
+             ("red", "blue", "green", "yellow", "purple", "orange", "pink", "brown", "grey", "white")),
+    FactType("car", "I drive a {}.", "What car do I drive?", "You drive a",
+             ("Toyota", "Honda", "Volvo", "Ford", "Nissan", "Tesla", "Fiat", "Mazda", "Subaru", "Renault")),
+    FactType("day", "The team meeting is on {}.", "What day is the team meeting?", "The team meeting is on",
+             ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")),
+    FactType("job", "I work as a {}.", "What do I work as?", "You work as a",
+             ("nurse", "teacher", "baker", "pilot", "lawyer", "plumber", "dentist", "farmer", "chef", "painter")),
+    FactType("instrument", "I play the {}.", "Which instrument do I play?", "You play the",
+             ("piano", "violin", "guitar", "flute", "cello", "drums", "trumpet", "harp", "banjo", "clarinet")),
+    FactType("room", "My hotel room number is {}.", "What is my hotel room number?", "Your hotel room number is",
+             ("214", "508", "731", "126", "943", "352", "687", "409", "865", "573")),
+)
+
+# Small talk that names no fact value and touches no fact's topic, so a question has one answer.
+_FILLER = (
+    "The weather has been lovely all week.",
+    "I finally finished that book about the ocean.",
+    "My neighbour planted tomatoes in the garden.",
+    "I made soup for lunch today.",
+    "The train was late again this morning.",
+    "Have you seen the film everyone is talking about?",
+    "I think it might rain later this afternoon.",
+    "The park was full of people enjoying the sun.",
+    "I need to buy some milk and bread on the way home.",
+    "We watched the stars from the hill last night.",
+    "The coffee at the station is surprisingly good.",
+    "I spent the evening fixing the kitchen shelf.",
+    "My phone battery keeps running out too quickly.",
+    "The museum has a new exhibition about old maps.",
+    "I tried to bake a cake but it fell apart.",
+    "The cat next door keeps sitting on our fence.",
+    "There was a long queue at the post office.",
+    "I have been learning to cook rice properly.",
+    "The river looked beautiful in the morning light.",
+    "I lost my umbrella somewhere in town.",
+    "The market sells fresh fish on weekends.",
+    "I slept really well last night for a change.",
+    "Someone left a bicycle outside the library.",
+    "The soup was a bit too salty for me.",
+    "I walked along the beach and collected shells.",
+    "The new bridge over the river is almost finished.",
+    "My plants are growing faster than I expected.",
+    "I read an article about bees yesterday.",
+    "We had pancakes with honey for breakfast.",
+    "The wind knocked over the bins last night.",
+    "I want to visit the mountains next summer.",
+    "The shop ran out of croissants early.",
+    "I have been sneezing all day because of the pollen.",
+    "There is a funny noise coming from the fridge.",
+    "I finally cleaned out the garage.",
+    "The library extended its opening hours.",
+    "My shoes got soaked in the puddles.",
+    "We stayed up playing cards until midnight.",
+    "The apples from the orchard are very sweet.",
+    "I forgot to water the herbs on the balcony.",
+    "The tea shop downstairs has new cups.",
+    "A storm is expected at the weekend.",
+    "I watched a documentary about whales.",
+    "The printer jammed again this afternoon.",
+    "That recipe needs more garlic.",
+    "I have a mild headache this evening.",
+    "We saw a rainbow over the fields.",
+    "The streets were quiet after the holiday.",
+    "I should really answer my emails.",
+    "The lake froze over for the first time in years.",
+)
+_OPENERS = ("", "", "Honestly, ", "By the way, ", "Anyway, ", "Oh, ", "You know, ", "Well, ")
+
+
+def filler_utterance(rng: random.Random) -> str:
+    """One small-talk utterance, drawn with ``rng``."""
+    opener, clause = rng.choice(_OPENERS), rng.choice(_FILLER)
+    if opener and not clause.startswith("I "):
+        clause = clause[0].lower() + clause[1:]
+    return opener + clause
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A question about the fact stated ``distance`` utterances before it, as multiple choice."""
+
+    fact: str  # FactType.key
+    distance: int
+    fact_index: int  # utterance (0-based) that states the fact
+    question: str
+    answer: str  # the answer opener, fed before each candidate
+    candidates: tuple[str, ...]
+    correct: int  # index of the true value in candidates
+
+
+@dataclass(frozen=True)
+class Dialogue:
+    """Utterances (the question is asked after the last one), probes, and utterances never fed."""
+
+    utterances: tuple[str, ...]
+    probes: tuple[Probe, ...]
+    held_back: tuple[str, ...]
+
+
+def build_dialogue(seed: int, distances: Sequence[int], *, length: int | None = None, held_back: int = 0) -> Dialogue:
+    """A filler dialogue with one fact per distance, stated ``distance`` utterances before the end.
+
+    Each distance gets a different fact type, so every question has one answer. ``length``
+    defaults to ``LEAD + max(distances)``; ``held_back`` extra filler utterances are drawn
+    for scoring (perplexity, or the user side of a timed turn).
+    """
+    distances = [int(d) for d in distances]
+    if len(set(distances)) != len(distances) or any(d < 1 for d in distances):
+        raise ValueError(f"distances must be distinct whole numbers >= 1; got {distances}")
+    if len(distances) > len(FACT_TYPES):
+        raise ValueError(f"at most {len(FACT_TYPES)} distances per dialogue (one fact type each)")
+    n = LEAD + max(distances, default=0) if length is None else int(length)
+    if distances and n < max(distances):
+        raise ValueError(f"a dialogue of {n} utterances cannot hold a fact {max(distances)} utterances back")
+    rng = random.Random(seed)
+    utterances = [filler_utterance(rng) for _ in range(n)]
+    probes = []
+    for distance, kind in zip(distances, rng.sample(FACT_TYPES, len(distances))):
+        values = rng.sample(kind.values, CANDIDATES)  # values[0] is the fact, the rest distractors
+        index = n - distance
+        utterances[index] = kind.statement.format(values[0])
+        candidates = list(values)
+        rng.shuffle(candidates)
+        probes.append(Probe(kind.key, distance, index, kind.question, kind.answer, tuple(candidates),
+                            candidates.index(values[0])))
+    extra = tuple(filler_utterance(rng) for _ in range(held_back))
+    return Dialogue(tuple(utterances), tuple(probes), extra)
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """How utterances become ids: plain text, EoU-closed; BOS (when the model has one) opens the dialogue."""
+
+    tokenizer: Any
+    eou_id: int
+    bos_id: int | None
+
+    def text(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def utterance(self, text: str, *, first: bool = False) -> list[int]:
+        bos = [self.bos_id] if first and self.bos_id is not None else []
+        return [*bos, *self.text(text), self.eou_id]
+
+    def dialogue(self, utterances: Sequence[str]) -> list[list[int]]:
+        return [self.utterance(u, first=i == 0) for i, u in enumerate(utterances)]
+
+
+# --- scoring ----------------------------------------------------------------------------------
+
+
+def _crop(cache: Any, length: int) -> None:
+    """Drop entries fed after ``length`` (uncommitted ones: no ``compress`` ran since)."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
+@torch.inference_mode()
+def continuation_logprobs(
+    model: Any, cache: Any, logits: torch.Tensor, prefix: Sequence[int], options: Sequence[Sequence[int]]
+) -> list[float]:
+    """Summed log p(option | the memory in ``cache``, then ``prefix``), one per option.
+
+    logits: (1, V), the next-token logits after the last token the cache took. ``prefix`` is
+    fed but not scored; ``cache`` is left as it was.
+    """
+    if any(len(option) == 0 for option in options):
+        raise ValueError("every option needs at least one token")
+    device = model.device
+    start = cache.get_seq_length()
+    if prefix:
+        logits = prefill(model, torch.tensor([list(prefix)], device=device), cache)  # (1, V)
+    base = cache.get_seq_length()
+    first = torch.log_softmax(logits[0].float(), dim=-1)  # (V,)
+    scores = []
+    for option in options:
+        total = float(first[int(option[0])])
+        if len(option) > 1:
+            out = model(input_ids=torch.tensor([list(option[:-1])], device=device), past_key_values=cache,
+                        use_cache=True)
+            logprobs = torch.log_softmax(out.logits[0].float(), dim=-1)  # (L-1, V)
+            targets = torch.tensor(list(option[1:]), device=logprobs.device)[:, None]  # (L-1, 1)
+            total += float(logprobs.gather(1, targets).sum())
+            _crop(cache, base)
+        scores.append(total)
+    _crop(cache, start)
+    return scores
+
+
+@torch.inference_mode()
+def _reply(model: Any, logits: torch.Tensor, cache: Any, tokens: int) -> list[int]:
+    """Greedy-decode ``tokens`` tokens (stop tokens ignored: a fixed amount of work), feeding each."""
+    reply = []
+    for _ in range(tokens):
+        token = logits.argmax(dim=-1, keepdim=True)  # (1, V) -> (1, 1)
+        reply.append(int(token))
+        logits = decode_one_token(model, token, cache)  # (1, V)
+    return reply
+
+
+def kv_bytes_per_token(model: Any, dtype: torch.dtype) -> int:
+    """Bytes one token costs in a full KV cache: layers x KV heads x head size x (K and V) x element size.
+
+    ``dtype`` is the compute dtype, which the cache holds even under 4-bit weights.
+    """
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    element = torch.empty((), dtype=dtype).element_size()
+    return int(config.num_hidden_layers * kv_heads * head_dim * 2 * element)
+
+
+# --- memory policies --------------------------------------------------------------------------
+
+
+class DenseMemory:
+    """The whole history, re-read each turn; the oldest utterances go once it outgrows the context.
+
+    Probes reuse one prefill of the history while it only grows at the end, which gives the
+    same numbers as re-reading it each time, minus float rounding.
+    """
+
+    def __init__(self, label: str, model: Any, context: int, bos_id: int | None, bytes_per_token: int) -> None:
+        self.label, self.model, self.context, self.bos_id = label, model, int(context), bos_id
+        self.bytes_per_token = bytes_per_token
+        self.utterances: list[list[int]] = []  # ids of each utterance, BOS excluded
+        self._cache: Any = None
+        self._cached: list[int] = []
+        self._logits: torch.Tensor | None = None
+
+    def add(self, ids: Sequence[int]) -> None:
+        ids = list(ids)
+        if not self.utterances and self.bos_id is not None and ids[:1] == [self.bos_id]:
+            ids = ids[1:]  # BOS is kept apart: truncation never drops it
+        self.utterances.append(ids)
+
+    def fork(self) -> DenseMemory:
+        other = DenseMemory(self.label, self.model, self.context, self.bos_id, self.bytes_per_token)
+        other.utterances = list(self.utterances)
+        return other
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of the whole history, untruncated."""
+        return sum(map(len, self.utterances)) + (self.bos_id is not None)
+
+    def window(self, reserve: int = DENSE_RESERVE) -> list[int]:
+        """BOS + the newest whole utterances that fit ``context - reserve`` tokens."""
+        bos = [] if self.bos_id is None else [self.bos_id]
+        budget = self.context - reserve - len(bos)
+        kept: list[list[int]] = []
+        for ids in reversed(self.utterances):
+            if len(ids) > budget:
+                if not kept and budget > 0:  # one utterance longer than the context: keep its end
+                    kept.append(ids[-budget:])
+                break
+            kept.append(ids)
+            budget -= len(ids)
+        return bos + [t for ids in reversed(kept) for t in ids]
+
+    def _state(self) -> tuple[Any, torch.Tensor]:
+        window = self.window()
+        if self._cache is not None and window[: len(self._cached)] == self._cached:
+            if len(window) > len(self._cached):  # the history grew at the end: read only the new part
+                new = torch.tensor([window[len(self._cached):]], device=self.model.device)  # (1, new)
+                self._logits = prefill(self.model, new, self._cache)
+        else:  # first read, or the window moved on: read it all again
+            self._cache = new_cache(self.model)
+            self._logits = prefill(self.model, torch.tensor([window], device=self.model.device), self._cache)
+        self._cached = window
+        return self._cache, self._logits
+
+    def answer_logprobs(self, question: Sequence[int], answer: Sequence[int], options: Sequence[Sequence[int]]):
+        """Scores of ``options`` after the history, the question utterance and the answer opener."""
+        cache, _ = self._state()
+        base = cache.get_seq_length()
+        logits = prefill(self.model, torch.tensor([list(question)], device=self.model.device), cache)  # (1, V)
+        scores = continuation_logprobs(self.model, cache, logits, answer, options)
+        _crop(cache, base)
+        return scores
+
+    def sequence_logprob(self, ids: Sequence[int]) -> float:
+        """log p(ids) as the next utterance; nothing is kept."""
+        cache, logits = self._state()
+        return continuation_logprobs(self.model, cache, logits, [], [ids])[0]
+
+    def kv_bytes(self) -> int:
+        """What re-reading the (truncated) history holds, from the model config and dtype."""
+        return len(self.window()) * self.bytes_per_token
+
+    @torch.inference_mode()
+    def turn(self, user: Sequence[int], reply_tokens: int) -> None:
+        """One app turn: re-read the truncated history + the user utterance, then decode a reply."""
+        ids = torch.tensor([[*self.window(), *user]], device=self.model.device)  # (1, T)
+        cache = new_cache(self.model)
+        _reply(self.model, prefill(self.model, ids, cache), cache, reply_tokens)
+
+
+class CacheMemory:
+    """A compressing cache kept between utterances: each utterance is read once, then ``compress``."""
+
+    def __init__(self, label: str, model: Any, make_cache: Callable[[], Any], eou_id: int) -> None:
+        self.label, self.model, self.eou_id = label, model, eou_id
+        self.cache = make_cache()
+        self._logits: torch.Tensor | None = None  # next-token logits after the last utterance
+
+    def add(self, ids: Sequence[int]) -> None:
+        self._logits = prefill(self.model, torch.tensor([list(ids)], device=self.model.device), self.cache)
+        self.cache.compress(ids)
+
+    def fork(self) -> CacheMemory:
+        other = copy.copy(self)
+        other.cache = copy.deepcopy(self.cache)
+        return other
+
+    def answer_logprobs(self, question: Sequence[int], answer: Sequence[int], options: Sequence[Sequence[int]]):
+        """Scores of ``options`` after the question utterance (fed and compressed on a copy) and the opener."""
+        branch = self.fork()
+        branch.add(question)
+        return continuation_logprobs(self.model, branch.cache, branch._logits, answer, options)
+
+    def sequence_logprob(self, ids: Sequence[int]) -> float:
+        """log p(ids) as the next utterance; nothing is kept."""
+        return continuation_logprobs(self.model, self.cache, self._logits, [], [ids])[0]
+
+    def kv_bytes(self) -> int:
+        return self.cache.kv_bytes()
+
+    @torch.inference_mode()
+    def turn(self, user: Sequence[int], reply_tokens: int) -> None:
+        """One app turn: read the user utterance, compress, decode a reply, close it with the EoU, compress."""
+        self.add(user)
+        reply = _reply(self.model, self._logits, self.cache, reply_tokens)
+        prefill(self.model, torch.tensor([[self.eou_id]], device=self.model.device), self.cache)  # (1, 1)
+        self.cache.compress([*reply, self.eou_id])
+
+
+Memory = DenseMemory | CacheMemory
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A named way to build a fresh memory for one dialogue."""
+
+    label: str
+    build: Callable[[], Memory]
+
+
+def _cache_policy(label: str, model: Any, make_cache: Callable[[], Any], eou: int) -> Policy:
+    return Policy(label, lambda: CacheMemory(label, model, make_cache, eou))
+
+
+def make_policies(base: Any, tokens: Tokens, context: int, llm: StreamingLLMConfig, trained: Any = None,
+                  dtype: torch.dtype | None = None, positions: Sequence[str] = ("compressed",)) -> list[Policy]:
+    """dense, then streaming-llm and streaming-dialogue under each position rule in ``positions``.
+
+    ``base`` runs every row; ``trained`` (a model with a memory adapter) adds trained
+    streaming-dialogue rows. ``dtype``: what the KV cache holds (default: the model's).
+    """
+    if not positions or any(rule not in POSITION_RULES for rule in positions):
+        raise ValueError(f"positions must be some of {POSITION_RULES}; got {positions!r}")
+    eou, bos = tokens.eou_id, tokens.bos_id
+    per_token = kv_bytes_per_token(base, dtype or base.dtype)
+    policies = [Policy("dense", lambda: DenseMemory("dense", base, context, bos, per_token))]
+    # The streaming-dialogue module may predate the shared MemoryCache: then it has one rule only.
+    dialogue_shifts = "rope_shift" in inspect.signature(StreamingDialogueCache.__init__).parameters
+    models = [("", base)] if trained is None else [(" untrained", base), (" trained", trained)]
+    for rule in positions:
+        slot, tag = rule == "slot", f"{rule} pos"
+        shift = RopeShift.from_model(base) if slot else None
+        policies.append(_cache_policy(f"streaming-llm {llm.sink_tokens}+{llm.window} ({tag})", base,
+                                      lambda s=shift: StreamingLLMCache(llm, rope_shift=s), eou))
+        if slot and not dialogue_shifts:
+            logger.warning("StreamingDialogueCache takes no rope_shift yet: its %s rows are left out", tag)
+            continue
+        for name, model in models:
+            extra = {"rope_shift": RopeShift.from_model(model)} if slot else {}
+            policies.append(_cache_policy(f"streaming-dialogue{name} ({tag})", model,
+                                          lambda e=extra: StreamingDialogueCache(eou, bos, **e), eou))
+    return policies
+
+
+# --- the measurements -------------------------------------------------------------------------
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run_recall(policies: Sequence[Policy], tokens: Tokens, distances: Sequence[int], trials: int,
+               seed: int) -> dict[str, dict[int, list[bool]]]:
+    """For each policy and distance, whether the true value scored highest, one entry per trial."""
+    hits: dict[str, dict[int, list[bool]]] = {p.label: {d: [] for d in distances} for p in policies}
+    for trial in range(trials):
+        dialogue = build_dialogue(seed * 1_000_003 + trial, distances)
+        encoded = tokens.dialogue(dialogue.utterances)
+        for policy in policies:
+            start = time.perf_counter()
+            memory = policy.build()
+            for ids in encoded:
+                memory.add(ids)
+            for probe in dialogue.probes:
+                scores = memory.answer_logprobs(tokens.utterance(probe.question), tokens.text(probe.answer),
+                                                [tokens.text(" " + c) for c in probe.candidates])
+                hits[policy.label][probe.distance].append(max(range(len(scores)), key=scores.__getitem__)
+                                                          == probe.correct)
+            logger.info("recall trial %d/%d, %s: %d utterances in %.1f s", trial + 1, trials, policy.label,
+                        len(encoded), time.perf_counter() - start)
+    return hits
+
+
+@dataclass
+class LongRun:
+    """What the lockstep long dialogue measured, per policy label and checkpoint turn."""
+
+    kv_bytes: dict[str, dict[int, int]] = field(default_factory=dict)
+    dense_untruncated: dict[int, int] = field(default_factory=dict)
+    perplexity: dict[str, dict[int, float]] = field(default_factory=dict)
+    seconds: dict[str, dict[int, list[float]]] = field(default_factory=dict)
+
+
+def run_long(policies: Sequence[Policy], tokens: Tokens, turns: Sequence[int], seed: int, held_back: int,
+             repeats: int, reply_tokens: int) -> LongRun:
+    """Feed one long dialogue to every policy in lockstep; measure at each checkpoint in ``turns``."""
+    turns = sorted(set(turns))
+    timed_at = {turns[0], turns[-1]}
+    per_check = held_back + repeats + 1  # held-back utterances scored, then users of the timed turns
+    dialogue = build_dialogue(seed * 1_000_003 + 999_983, (), length=turns[-1], held_back=per_check * len(turns))
+    memories = [p.build() for p in policies]
+    result = LongRun()
+    start = time.perf_counter()
+    for turn, ids in enumerate(tokens.dialogue(dialogue.utterances), start=1):
+        for memory in memories:
+            memory.add(ids)
+        if turn % 100 == 0:
+            logger.info("long dialogue: %d/%d utterances (%.0f s)", turn, turns[-1], time.perf_counter() - start)
+        if turn not in turns:
+            continue
+        extra = dialogue.held_back[turns.index(turn) * per_check:][:per_check]
+        scored = [tokens.utterance(u) for u in extra[:held_back]]
+        n_tokens = sum(map(len, scored))
+        dense = next(m for m in memories if isinstance(m, DenseMemory))
+        result.dense_untruncated[turn] = dense.tokens * dense.bytes_per_token
+        for memory in memories:
+            result.kv_bytes.setdefault(memory.label, {})[turn] = memory.kv_bytes()
+            nll = -sum(memory.sequence_logprob(ids) for ids in scored)
+            result.perplexity.setdefault(memory.label, {})[turn] = math.exp(nll / n_tokens)
+        logger.info("turn %d: KV bytes and perplexity done", turn)
+        if turn in timed_at:
+            users = [tokens.utterance(u) for u in extra[held_back:]]
+            for memory in memories:  # warm-up, untimed: first calls pay for allocation
+                memory.fork().turn(users[-1], reply_tokens)
+            for user in users[:repeats]:
+                for memory in memories:
+                    branch = memory.fork()
+                    _sync()
+                    begin = time.perf_counter()
+                    branch.turn(user, reply_tokens)
+                    _sync()
+                    result.seconds.setdefault(memory.label, {}).setdefault(turn, []).append(
+                        time.perf_counter() - begin)
+            logger.info("turn %d: latency done", turn)
+    return result
+
+
+def measure(policies: Sequence[Policy], tokens: Tokens, config: BenchConfig) -> dict[str, Any]:
+    """Run recall and the long dialogue; return the figures as JSON-ready dicts (keys: config, recall, long)."""
+    hits = run_recall(policies, tokens, config.distances, config.trials, config.seed)
+    long = run_long(policies, tokens, config.turns, config.seed, config.held_back, config.repeats,
+                    config.reply_tokens)
+
+    def by_turn(cells: dict[int, Any]) -> dict[str, Any]:
+        return {str(t): v for t, v in cells.items()}
+
+    return {
+        "config": asdict(config),
+        "recall": {label: by_turn(cells) for label, cells in hits.items()},
+        "long": {
+            "kv_bytes": {label: by_turn(cells) for label, cells in long.kv_bytes.items()},
+            "dense_untruncated": by_turn(long.dense_untruncated),
+            "perplexity": {label: by_turn(cells) for label, cells in long.perplexity.items()},
+            "seconds": {label: by_turn(cells) for label, cells in long.seconds.items()},
+        },
+    }
+
+
+# --- reporting --------------------------------------------------------------------------------
+
+
+def _kib(size: int) -> str:
+    return f"{size / 1024:,.0f} KiB" if size < 10 * 1024 * 1024 else f"{size / 1024 / 1024:,.1f} MiB"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def report(summary: dict[str, Any]) -> str:
+    """The readable tables for ``summary`` (what ``--json`` writes)."""
+    from personalign.evaluation import wilson_interval
+
+    head = f"model: {summary['model']} on {summary['device']} ({summary['dtype']}); context {summary['context']}"
+    out = [f"{head}; KV {summary['kv_bytes_per_token']} B/token"]
+    recall = summary["recall"]
+    distances = summary["config"]["distances"]
+    out.append(f"\nRecall: multiple choice of {CANDIDATES} (chance 25%), {summary['config']['trials']} trials "
+               "per cell; accuracy [95% Wilson]")
+    rows = []
+    for label, cells in recall.items():
+        row = [label]
+        for d in distances:
+            hits = cells[str(d)]
+            low, high = wilson_interval(sum(hits), len(hits))
+            row.append(f"{sum(hits) / len(hits):.2f} [{low:.2f}, {high:.2f}]")
+        rows.append(row)
+    out.append(_table(["policy", *(f"d={d}" for d in distances)], rows))
+
+    long = summary["long"]
+    turns = summary["config"]["turns"]
+    out.append(f"\nKV cache held after N utterances ({summary['dtype']})")
+    rows = [[label, *(_kib(cells[str(t)]) for t in turns)] for label, cells in long["kv_bytes"].items()]
+    rows.append(["dense, untruncated", *(_kib(long["dense_untruncated"][str(t)]) for t in turns)])
+    out.append(_table(["policy", *(f"N={t}" for t in turns)], rows))
+
+    out.append(f"\nPerplexity of held-back next utterances ({summary['config']['held_back']} per checkpoint)")
+    rows = [[label, *(f"{cells[str(t)]:.1f}" for t in turns)] for label, cells in long["perplexity"].items()]
+    out.append(_table(["policy", *(f"N={t}" for t in turns)], rows))
+
+    first, last = str(turns[0]), str(turns[-1])
+    out.append(f"\nOne turn (user utterance + {summary['config']['reply_tokens']}-token reply), median of "
+               f"{summary['config']['repeats']}, side by side; seconds count only on this machine")
+    medians = {label: {t: statistics.median(v) for t, v in cells.items()} for label, cells in long["seconds"].items()}
+    dense = medians.get("dense", {})
+    rows = []
+    for label, cells in medians.items():
+        rows.append([label, f"{cells[first]:.3f}", f"{cells[last]:.3f}", f"{cells[last] / cells[first]:.2f}x",
+                     f"{dense[first] / cells[first]:.2f}x", f"{dense[last] / cells[last]:.2f}x"])
+    out.append(_table(["policy", f"s @{first}", f"s @{last}", f"@{last} / @{first}",
+                       f"dense / policy @{first}", f"dense / policy @{last}"], rows))
+    return "\n".join(out)
+
+
+# --- the edge: arguments ------------------------------------------------------------------------
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in re.split(r"[,\s]+", text.strip()) if v)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas; got {text!r}") from exc
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected whole numbers >= 1; got {text!r}")
+    return values
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to measure; the defaults finish in minutes on a CPU (a GPU run takes larger ones)."""
+
+    distances: tuple[int, ...] = (1, 10, 100)
+    trials: int = 3
+    seed: int = 0
+    turns: tuple[int, ...] = (10, 100, 1000)
+    held_back: int = 4
+    repeats: int = 2
+    reply_tokens: int = 16
+    sink_tokens: int = 4
+    window: int = 256
+    positions: tuple[str, ...] = POSITION_RULES
+
+    def __post_init__(self) -> None:
+        build_dialogue(0, self.distances)  # raises on bad distances
+        for name in ("trials", "held_back", "repeats", "reply_tokens", "window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.seed < 0 or not self.turns or min(self.turns) < 1:
+            raise ValueError("seed must be >= 0 and turns whole numbers >= 1")
+        StreamingLLMConfig(self.sink_tokens, self.window)
+        if not self.positions or any(rule not in POSITION_RULES for rule in self.positions):
+            raise ValueError(f"positions must be some of {POSITION_RULES}")
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The base model, and the model with ``--adapter`` applied (None without one)."""
+    from personalign.models import ModelConfig, load_model
+
+    base = load_model(ModelConfig(model=args.model, device=args.device, quantize=args.quantize))
+    if args.adapter is None:
+        return base, None
+    # Only passed when given, so the script runs on a ModelConfig without the option too.
+    return base, load_model(ModelConfig(model=args.model, device=args.device, quantize=args.quantize,
+                                        adapter=Path(args.adapter)))
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    defaults = BenchConfig()
+    parser.add_argument("--model", default="embedded")
+    parser.add_argument("--adapter", default=None, help="a LoRA from train-memory: adds a trained StreamingDialogue row")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--quantize", default="auto")
+    parser.add_argument("--distances", type=_ints, default=defaults.distances)
+    parser.add_argument("--trials", type=int, default=defaults.trials)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--turns", type=_ints, default=defaults.turns,
+                        help="checkpoints of the long dialogue; latency at the first and last")
+    parser.add_argument("--held-back", type=int, default=defaults.held_back)
+    parser.add_argument("--repeats", type=int, default=defaults.repeats)
+    parser.add_argument("--reply-tokens", type=int, default=defaults.reply_tokens)
+    parser.add_argument("--sinks", type=int, default=defaults.sink_tokens)
+    parser.add_argument("--window", type=int, default=defaults.window)
+    parser.add_argument("--positions", choices=(*POSITION_RULES, "both"), default="both",
+                        help="position rule of the caches: compressed (the project's), slot (StreamingLLM's), both")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    positions = POSITION_RULES if args.positions == "both" else (args.positions,)
+    config = BenchConfig(args.distances, args.trials, args.seed, args.turns, args.held_back, args.repeats,
+                         args.reply_tokens, args.sinks, args.window, positions)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if torch.cuda.is_available():
+        torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention costs ~2 ms of CPU per call there
+
+    from personalign.engine import Engine
+
+    base, trained = _load(args)
+    tokens = Tokens(base.tokenizer, base.eou_token_id, base.tokenizer.bos_token_id)
+    context = Engine(base).max_context()
+    policies = make_policies(base.model, tokens, context, StreamingLLMConfig(config.sink_tokens, config.window),
+                             None if trained is None else trained.model, base.dtype, config.positions)
+    logger.info("policies: %s", ", ".join(p.label for p in policies))
+
+    summary = {
+        "model": base.name + (f" + adapter {Path(args.adapter).name}" if args.adapter else ""),
+        "device": str(base.device),
+        "dtype": str(base.dtype).removeprefix("torch."),
+        "context": context,
+        "kv_bytes_per_token": kv_bytes_per_token(base.model, base.dtype),
+        "format": "BOS u1 EoU u2 EoU ... (plain text, EoU = end-of-turn token)",
+        **measure(policies, tokens, config),
+    }
+    print(report(summary))
+    if args.json is not None:
+        args.json.write_text(json.dumps(summary, indent=2))
+        logger.info("wrote %s", args.json)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
