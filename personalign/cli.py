@@ -1,4 +1,4 @@
-"""The `python -m personalign` command line: info, a terminal chat, user accounts, and eval.
+"""The `python -m personalign` command line: info, a terminal chat, user accounts, eval, and train-memory.
 
 Argument parsing lives here and in app.py only; both share the model and data flags
 defined below, and hand the core frozen configs. Later capabilities add subcommands here.
@@ -19,6 +19,7 @@ from personalign.engine import Engine
 from personalign.errors import UserError
 from personalign.generation import GenerationConfig
 from personalign.evaluation import MODES
+from personalign.memory_training import METHODS, SYNTHETIC, MemoryTrainingConfig, load_dialogues, train_memory
 from personalign.models import DEVICE_CHOICES, QUANTIZE_CHOICES, ModelConfig, ModelLoadError, load_model
 from personalign.persona import Persona, loads
 from personalign.prompts import Mode, build_messages
@@ -39,6 +40,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto: 4-bit NF4 on CUDA, full precision on CPU")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     parser.add_argument("--cache-dir", type=Path, default=None, help="where the converted embedded model is kept")
+    parser.add_argument("--adapter", type=Path, default=None,
+                        help="LoRA adapter folder to apply on top of the model (e.g. written by train-memory)")
 
 
 def add_data_argument(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +50,8 @@ def add_data_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
-    return ModelConfig(model=args.model, quantize=args.quantize, device=args.device, cache_dir=args.cache_dir)
+    return ModelConfig(model=args.model, quantize=args.quantize, device=args.device, cache_dir=args.cache_dir,
+                       adapter=args.adapter)
 
 
 def open_database(args: argparse.Namespace) -> storage.Database:
@@ -141,6 +145,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_memory(args: argparse.Namespace) -> int:
+    if args.adapter is not None:
+        raise UserError("train-memory trains a new adapter on the base model; leave out --adapter")
+    config = MemoryTrainingConfig(method=args.method, max_steps=args.steps, lr=args.lr, rank=args.rank,
+                                  samples=args.samples, seed=args.seed, batch_size=args.batch_size,
+                                  max_tokens=args.max_tokens)
+    source = SYNTHETIC if args.data == SYNTHETIC else Path(args.data)
+    load_dialogues(source, config)  # read once before the model loads: a bad file fails in a second, not a minute
+    log.info("loading model %s", args.model)
+    loaded = load_model(model_config(args))
+
+    def progress(step: int, total: int, loss: float) -> None:
+        if step % max(1, total // 20) == 0 or step == total:  # about twenty lines, whatever the run's length
+            print(f"step {step}/{total}  loss {loss:.4f}", file=sys.stderr, flush=True)
+
+    report = train_memory(loaded, source, config, args.out, progress=progress)
+    held = "held-out" if report.probe_held_out else "trained-on"
+    print(f"trained {config.method} memory adapter on {loaded.name}: {report.steps} steps over "
+          f"{report.train_samples} sequences in {report.seconds:.1f} s ({report.steps_per_second:.2f} steps/s)")
+    print(f"training loss {report.first_loss:.4f} -> {report.last_loss:.4f}; "
+          f"{held} probe loss {report.probe_loss_before:.4f} -> {report.probe_loss_after:.4f}")
+    print(f"adapter saved to {report.out_dir}; use it with --adapter {report.out_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m personalign", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -164,6 +193,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
     evaluate.add_argument("--out", type=Path, default=None, help="write per-record results here as JSON lines")
     evaluate.set_defaults(run=cmd_eval)
+    train = sub.add_parser("train-memory",
+                           help="train a StreamingDialogue SMR/LMR LoRA adapter so the EoU sinks hold the dialogue")
+    add_model_arguments(train)
+    train.add_argument("--data", required=True,
+                       help=f"'{SYNTHETIC}' (built-in dialogues), or a corpus: text with one utterance a line and a "
+                            'blank line between dialogues, or JSONL of {"dialogue": [...]}')
+    train.add_argument("--out", type=Path, required=True, help="folder to write the adapter into")
+    defaults = MemoryTrainingConfig()
+    train.add_argument("--method", choices=METHODS, default=defaults.method)
+    train.add_argument("--steps", type=int, default=None, help="stop after N optimizer steps (default: one epoch)")
+    train.add_argument("--lr", type=float, default=defaults.lr)
+    train.add_argument("--rank", type=int, default=defaults.rank, help="LoRA rank")
+    train.add_argument("--samples", type=int, default=defaults.samples, help="dialogues drawn from --data synthetic")
+    train.add_argument("--seed", type=int, default=defaults.seed)
+    train.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    train.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="longest training sequence")
+    train.set_defaults(run=cmd_train_memory)
     user = sub.add_parser("user", help="manage sign-in accounts")
     user_sub = user.add_subparsers(dest="user_command", required=True)
     add = user_sub.add_parser("add", help="create a user for the app's sign-in")

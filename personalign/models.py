@@ -2,12 +2,18 @@
 
 Nothing is loaded at import time; ``load_model`` does all the work and turns every
 failure a user can cause (bad id, no GPU, no chat template...) into ``ModelLoadError``.
+A trained LoRA adapter (``ModelConfig.adapter``, e.g. from ``train-memory``) is applied
+after the base loads: merged into the weights when they are unquantized, kept as a
+peft wrapper on a 4/8-bit base, whose packed weights cannot take a merge.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +33,17 @@ QUANTIZE_CHOICES = ("auto", "none", "4bit", "8bit")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 # Assistant text used to find the end-of-turn token in a chat template.
 _PROBE_REPLY = "PersonalignProbeReply"
+ADAPTER_CONFIG = "adapter_config.json"  # what peft's save_pretrained writes into an adapter folder
+ADAPTER_METADATA = "personalign-memory.json"
+"""Written by memory training beside the adapter: the base model it fits, its sinks, the run."""
+# Config fields that decide whether an adapter's weights fit a base model.
+_FINGERPRINT_FIELDS = (
+    "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
+)
+
+
+class ModelLoadError(Exception):
+    """The model could not be loaded; the message is written to be shown to a user."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +55,7 @@ class ModelConfig:
     quantize: str = "auto"  # auto|none|4bit|8bit
     device: str = "auto"  # auto|cpu|cuda
     cache_dir: Path | None = None
+    adapter: Path | None = None  # a peft LoRA folder to apply on top (ModelLoadError if it is not one)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
@@ -48,10 +66,28 @@ class ModelConfig:
             raise ValueError(f"device must be one of {', '.join(DEVICE_CHOICES)}; got {self.device!r}")
         if self.cache_dir is not None and not isinstance(self.cache_dir, Path):
             object.__setattr__(self, "cache_dir", Path(self.cache_dir))
+        if self.adapter is not None:
+            object.__setattr__(self, "adapter", check_adapter_folder(self.adapter))
 
 
-class ModelLoadError(Exception):
-    """The model could not be loaded; the message is written to be shown to a user."""
+def check_adapter_folder(path: Path | str) -> Path:
+    """Return ``path`` as a Path if it is a folder holding a peft adapter config, else raise ``ModelLoadError``."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        what = "is a file" if path.exists() else "does not exist"
+        raise ModelLoadError(f"Adapter folder {path} {what}; give the folder that train-memory wrote (--out).")
+    if not (path / ADAPTER_CONFIG).is_file():
+        raise ModelLoadError(
+            f"Adapter folder {path} holds no {ADAPTER_CONFIG}, so it is not a LoRA adapter; "
+            "give the folder that train-memory wrote (--out)."
+        )
+    return path
+
+
+def base_fingerprint(model: Any) -> dict[str, Any]:
+    """The config fields an adapter's weight shapes depend on, for the check in ``apply_adapter``."""
+    config = getattr(model, "config", None)
+    return {name: getattr(config, name, None) for name in _FINGERPRINT_FIELDS}
 
 
 @dataclass
@@ -67,6 +103,7 @@ class LoadedModel:
     eou_token_id: int
     stop_token_ids: frozenset[int]
     load_seconds: float
+    adapter: Path | None = None  # the LoRA folder applied on top of the base, if any
 
     @classmethod
     def from_parts(
@@ -238,7 +275,7 @@ def load_model(config: ModelConfig) -> LoadedModel:
         raise _not_found(name, source, exc) from exc
     except (ValueError, RuntimeError, ImportError) as exc:  # unsupported architecture, OOM, ...
         raise ModelLoadError(f"Could not load model '{name}': {exc}") from exc
-    return LoadedModel.from_parts(
+    loaded = LoadedModel.from_parts(
         model,
         tokenizer,
         name=name,
@@ -246,3 +283,79 @@ def load_model(config: ModelConfig) -> LoadedModel:
         dtype=kwargs["dtype"],
         load_seconds=time.perf_counter() - start,
     )
+    if config.adapter is not None:
+        loaded = apply_adapter(loaded, config.adapter)
+        loaded.load_seconds = time.perf_counter() - start
+    return loaded
+
+
+def _read_adapter_metadata(path: Path) -> dict[str, Any]:
+    """``personalign-memory.json`` of an adapter folder; {} for a plain peft adapter without one."""
+    file = path / ADAPTER_METADATA
+    if not file.is_file():
+        return {}
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"Adapter metadata {file} cannot be read: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise ModelLoadError(f"Adapter metadata {file} is not a JSON object.")
+    return meta
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Two model names given by a user refer to the same model: equal, or the same local folder."""
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.is_dir() and pb.is_dir() and pa.resolve() == pb.resolve()
+
+
+def _check_adapter_base(path: Path, meta: dict[str, Any], loaded: LoadedModel) -> None:
+    """Refuse an adapter whose metadata says it was trained for another model or other sinks."""
+    if not meta:
+        return
+    trained_for = str(meta.get("base_model", "another model"))
+    flag = EMBEDDED_MODEL if trained_for == EMBEDDED_NAME else trained_for  # what --model takes
+    wanted = meta.get("base_config") if isinstance(meta.get("base_config"), dict) else {}
+    have = base_fingerprint(loaded.model)
+    differ = [f"{k} {wanted[k]} vs {have[k]}" for k in wanted if k in have and wanted[k] != have[k]]
+    if differ:
+        raise ModelLoadError(
+            f"The adapter in {path} was trained for {trained_for}, whose shape differs from {loaded.name} "
+            f"({'; '.join(differ)}). Load it with --model {flag}."
+        )
+    if not _same_model(trained_for, loaded.name):
+        raise ModelLoadError(
+            f"The adapter in {path} was trained for {trained_for}, not {loaded.name}. "
+            f"Load it with --model {flag}, or train one for this model with train-memory."
+        )
+    eou = meta.get("eou_token_id")
+    if eou is not None and eou != loaded.eou_token_id:
+        raise ModelLoadError(
+            f"The adapter in {path} was trained with end-of-utterance token {eou}, but {loaded.name} "
+            f"ends turns with {loaded.eou_token_id}; its memory sinks would not match."
+        )
+
+
+def apply_adapter(loaded: LoadedModel, path: Path | str) -> LoadedModel:
+    """Apply the LoRA adapter in ``path`` to ``loaded``'s model and return the adapted ``LoadedModel``.
+
+    The adapter is merged into unquantized weights (plain model, no runtime cost) and kept as a
+    peft wrapper on a 4/8-bit base. Either way ``loaded.model`` itself is changed in place, so
+    pass a model nobody else uses. Raises ``ModelLoadError`` when the adapter does not fit.
+    """
+    from peft import PeftModel
+
+    path = check_adapter_folder(path)
+    _check_adapter_base(path, _read_adapter_metadata(path), loaded)
+    try:
+        with warnings.catch_warnings():  # peft probes a deprecated transformers property on every wrap
+            warnings.simplefilter("ignore", FutureWarning)
+            model = PeftModel.from_pretrained(loaded.model, str(path))
+    except (RuntimeError, ValueError, KeyError, OSError) as exc:  # size mismatch, unknown target modules...
+        raise ModelLoadError(f"The adapter in {path} does not fit model {loaded.name}: {exc}") from exc
+    if loaded.quantization == "none":
+        model = model.merge_and_unload()
+    logger.info("Applied adapter %s (%s)", path, "merged" if loaded.quantization == "none" else "unmerged")
+    return dataclasses.replace(loaded, model=model.eval(), adapter=path)

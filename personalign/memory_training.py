@@ -1,0 +1,639 @@
+"""StreamingDialogue memory training: teach the conversational attention sinks to hold information.
+
+Without training, the EoU tokens that StreamingDialogue keeps in the cache (``streaming_dialogue.py``)
+carry only what the base model happens to put there. Two LoRA objectives (Li et al., 2024) make
+them hold their utterance:
+
+- SMR, short-memory reconstruction: ``BOS (u EoU u EoU)×k``. The second copy of each u is the
+  target, and it sees only BOS, the first copy's EoU and its own causal prefix, so the EoU is
+  the only way the first copy's content can reach it.
+- LMR, long-memory reactivation: many (u, u') pairs from different dialogues, then one earlier
+  pair again. The re-appended pair is the target and sees only BOS, the EoU sinks and its own
+  pair's prefix, so it must be recalled from sinks far back.
+
+Sequences are plain text, ``BOS u1 EoU u2 EoU ...`` (no chat template, no speaker tags), as in the
+paper. The attention patterns are given to the model as 4D additive masks, which transformers
+passes through to eager and SDPA attention unchanged; nothing in the model is patched, and the
+LoRA wrapper is removed again when training ends, so the caller's model is left as it was.
+
+The module knows nothing about the app, storage or the UI. It reads a corpus file or makes a
+synthetic one, trains on a ``LoadedModel`` and writes a peft adapter folder that
+``models.load_model(ModelConfig(adapter=...))`` applies.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from personalign.models import ADAPTER_METADATA, LoadedModel, base_fingerprint
+from personalign.streaming_dialogue import additive_mask
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("smr", "lmr", "both")
+SYNTHETIC = "synthetic"
+"""The ``samples_source`` (and ``--data``) value that selects the built-in synthetic dialogues."""
+IGNORE = -100  # label of a position that carries no loss (the cross-entropy ignore_index)
+
+Dialogue = tuple[str, ...]
+ProgressFn = Callable[[int, int, float], None]
+
+
+@dataclass(frozen=True)
+class MemoryTrainingConfig:
+    """How to train the sinks. Defaults follow the published recipe (LoRA on q/v, lr 5e-5, 1 epoch)."""
+
+    method: str = "both"  # smr | lmr | both
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    lr: float = 5e-5
+    epochs: int = 1
+    max_steps: int | None = None  # stop after this many optimizer steps, even mid-epoch
+    batch_size: int = 4
+    max_tokens: int = 512  # longest training sequence; longer utterances are cut to fit
+    pairs: int = 8  # (u, u) pairs per SMR sequence; (u, u') pairs before the re-appended one in LMR
+    seed: int = 0
+    samples: int = 1000  # dialogues drawn from the synthetic source
+
+    # The published recipe adapts the query and value projections only; not a setting.
+    TARGET_MODULES: ClassVar[tuple[str, ...]] = ("q_proj", "v_proj")
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        for name in ("rank", "alpha", "epochs", "batch_size", "pairs", "samples"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer; got {getattr(self, name)!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {self.dropout!r}")
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
+            raise ValueError(f"lr must be a positive learning rate below 1; got {self.lr!r}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            raise ValueError(f"max_steps must be a positive integer or None; got {self.max_steps!r}")
+        # BOS, then the LMR minimum: one pair and its re-appended copy, each utterance >= 1 token + EoU.
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 9:
+            raise ValueError(f"max_tokens must be an integer of at least 9; got {self.max_tokens!r}")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer; got {self.seed!r}")
+
+    @property
+    def max_utterance_tokens(self) -> int:
+        """Longest utterance kept whole: a pair and its copy (4 utterances, 4 EoUs) plus BOS must fit."""
+        return (self.max_tokens - 1) // 4 - 1
+
+
+# --- data sources -------------------------------------------------------------------------------
+
+
+def load_corpus(path: Path | str) -> list[Dialogue]:
+    """Read a user corpus: JSONL of ``{"dialogue": ["utt", ...]}`` lines, or plain text.
+
+    Plain text holds one utterance a line, and a blank line between dialogues. A ``.jsonl`` file,
+    or any file whose first non-blank line is a JSON object, is read as JSONL.
+    Raises ``ValueError`` with the file and line for anything that cannot be used.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ValueError(f"corpus file not found: {path}") from exc
+    except IsADirectoryError as exc:
+        raise ValueError(f"corpus path {path} is a folder; give a text or JSONL file") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"corpus file {path} is not UTF-8 text: {exc}") from exc
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    if path.suffix.lower() == ".jsonl" or first.startswith("{"):
+        dialogues = _parse_jsonl(text, path)
+    else:
+        dialogues = _parse_text(text)
+    if not dialogues:
+        raise ValueError(f"corpus file {path} holds no utterances")
+    return dialogues
+
+
+def _parse_text(text: str) -> list[Dialogue]:
+    dialogues, current = [], []
+    for line in [*text.splitlines(), ""]:  # the sentinel closes the last dialogue
+        if line.strip():
+            current.append(line.strip())
+        elif current:
+            dialogues.append(tuple(current))
+            current = []
+    return dialogues
+
+
+def _parse_jsonl(text: str, path: Path) -> list[Dialogue]:
+    dialogues = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} line {number}: not valid JSON ({exc.msg})") from exc
+        turns = record.get("dialogue") if isinstance(record, dict) else None
+        if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
+            raise ValueError(f'{path} line {number}: expected {{"dialogue": ["utterance", ...]}} (a list of strings)')
+        kept = tuple(t.strip() for t in turns if t.strip())
+        if kept:
+            dialogues.append(kept)
+    return dialogues
+
+
+_FIRST = ("Alice", "Bruno", "Chiara", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kemal",
+          "Lucia", "Mateo", "Nadia", "Oskar", "Priya", "Quentin", "Rosa", "Stefan", "Tamsin", "Umar", "Vera",
+          "Wendell", "Ximena", "Yusuf", "Zofia", "Amara", "Boris", "Clara", "Dev")
+_LAST = ("Moreau", "Okafor", "Lindqvist", "Tanaka", "Rossi", "Novak", "Haddad", "Fischer", "Silva", "Kowalski",
+         "Brennan", "Petrov", "Mendez", "Nakamura", "Osei", "Virtanen", "Dubois", "Horvat", "Castillo", "Weber")
+_CITIES = ("Lisbon", "Oslo", "Nairobi", "Kyoto", "Montreal", "Krakow", "Valparaiso", "Tallinn", "Porto", "Bergen",
+           "Marrakesh", "Hobart", "Ljubljana", "Cusco", "Tbilisi", "Dundee", "Adelaide", "Seville", "Riga", "Quito")
+_COLOURS = ("red", "teal", "yellow", "violet", "orange", "green", "navy blue", "pink", "grey", "turquoise",
+            "maroon", "lime green", "white", "black", "amber")
+_PETS = ("dog", "cat", "parrot", "rabbit", "hamster", "tortoise", "canary", "ferret")  # plural with an s
+_PET_NAMES = ("Pepper", "Biscuit", "Miso", "Rocket", "Juniper", "Noodle", "Pickles", "Comet", "Toffee", "Sable",
+              "Waffles", "Ziggy")
+_JOBS = ("nurse", "carpenter", "pilot", "baker", "librarian", "architect", "vet", "electrician", "chemist",
+         "bus driver", "translator", "firefighter", "dentist", "gardener", "software tester", "tailor")
+_FOODS = ("lentil soup", "sushi", "apple pie", "tacos", "goulash", "dumplings", "paella", "pancakes",
+          "falafel", "risotto", "pho", "banana bread")
+_HOBBIES = ("rock climbing", "chess", "knitting", "birdwatching", "salsa dancing", "pottery", "kayaking",
+            "stamp collecting", "running", "photography")
+_INSTRUMENTS = ("cello", "banjo", "trumpet", "piano", "violin", "drums", "flute", "accordion")
+_RELATIVES = ("sister", "brother", "cousin", "aunt", "uncle", "grandmother", "neighbour", "best friend")
+_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+           "November", "December")
+_WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+_CARS = ("van", "hatchback", "pickup truck", "station wagon", "convertible", "scooter")
+
+
+def _facts(rng: random.Random) -> dict[str, Any]:
+    """One speaker's concrete facts; every utterance about them is drawn from these."""
+    return {
+        "name": rng.choice(_FIRST), "last": rng.choice(_LAST), "age": rng.randint(19, 84),
+        "city": rng.choice(_CITIES), "job": rng.choice(_JOBS), "start": rng.randint(5, 10),
+        "pet": rng.choice(_PETS), "pets": rng.randint(2, 7), "pet_name": rng.choice(_PET_NAMES),
+        "colour": rng.choice(_COLOURS), "colour2": rng.choice(_COLOURS), "food": rng.choice(_FOODS),
+        "times": rng.randint(2, 9), "hobby": rng.choice(_HOBBIES), "years": rng.randint(2, 30),
+        "relative": rng.choice(_RELATIVES), "rname": rng.choice(_FIRST), "rcity": rng.choice(_CITIES),
+        "year": rng.randint(1978, 2024), "house": rng.randint(2, 480), "street": rng.choice(_LAST),
+        "instrument": rng.choice(_INSTRUMENTS), "weekday": rng.choice(_WEEKDAYS), "hours": rng.randint(1, 5),
+        "month": rng.choice(_MONTHS), "day": rng.randint(1, 28), "car": rng.choice(_CARS),
+        "km": rng.randint(12, 390) * 1000, "phone": f"{rng.randint(100, 999)}-{rng.randint(1000, 9999)}",
+    }
+
+
+_INTRO = "Hi, I'm {name} {last}. I'm {age} and I live in {city}."
+_TEMPLATES = (
+    "I work as a {job} in {city}, and my shift starts at {start} in the morning.",
+    "I have {pets} {pet}s at home; the oldest one is called {pet_name}.",
+    "My favourite colour is {colour}, so last {month} I painted my front door {colour}.",
+    "My {relative} {rname} moved to {rcity} in {year} and still lives there.",
+    "I live at number {house} on {street} Street, right next to the {colour2} bakery.",
+    "Every {weekday} I practise the {instrument} for {hours} hours.",
+    "Nothing beats {food}; I had {food} {times} times last week.",
+    "My birthday is on {month} {day}, and I have been into {hobby} for {years} years.",
+    "I drive an old {colour2} {car} with {km} kilometres on it.",
+    "If you need me, my number is {phone}, but I rarely answer before {start}.",
+)
+_OPENERS = ("Good to know, {other}. ", "Thanks, {other}. ", "I see, {other}. ", "", "", "")
+_CLOSERS = (" What about you, {other}?", " And you, {other}?", "", "", "")
+
+
+def synthetic_dialogues(count: int, seed: int = 0) -> list[Dialogue]:
+    """``count`` made-up two-person dialogues full of concrete facts, the same for the same seed.
+
+    Names, numbers, colours and cities change from dialogue to dialogue, so copying an utterance
+    back is only possible by remembering it: exactly what SMR and LMR reward.
+    """
+    if count < 1:
+        raise ValueError(f"count must be at least 1; got {count}")
+    rng = random.Random(seed)
+    dialogues = []
+    for _ in range(count):
+        people = [_facts(rng), _facts(rng)]
+        topics = [rng.sample(range(len(_TEMPLATES)), len(_TEMPLATES)) for _ in people]
+        turns = []
+        for i in range(rng.randint(4, 8)):
+            me, other = people[i % 2], people[1 - i % 2]["name"]
+            body = _INTRO if i < 2 else _TEMPLATES[topics[i % 2].pop()]
+            opener = "" if i == 0 else "Nice to meet you, {other}! " if i == 1 else rng.choice(_OPENERS)
+            text = opener + body.format(**me) + rng.choice(_CLOSERS)
+            turns.append(text.format(other=other))
+        dialogues.append(tuple(turns))
+    return dialogues
+
+
+def load_dialogues(source: str | Path | Sequence[Sequence[str]], config: MemoryTrainingConfig) -> list[Dialogue]:
+    """Dialogues from ``source``: ``"synthetic"``, a corpus file path, or dialogues already in memory."""
+    if isinstance(source, str) and source == SYNTHETIC:
+        return synthetic_dialogues(config.samples, config.seed)
+    if isinstance(source, (str, Path)):
+        return load_corpus(source)
+    dialogues = [tuple(u.strip() for u in d if isinstance(u, str) and u.strip()) for d in source]
+    dialogues = [d for d in dialogues if d]
+    if not dialogues:
+        raise ValueError("no dialogues to train on: every dialogue given is empty")
+    return dialogues
+
+
+# --- training samples ---------------------------------------------------------------------------
+
+
+SEES_EOU, SEES_ALL = 1, 2  # how one utterance may see another, in ``MemorySample.links``
+
+
+@dataclass(frozen=True)
+class MemorySample:
+    """One training sequence: ids, which tokens carry the loss, and who may attend to whom.
+
+    The attention pattern is kept per utterance (``links``, N×N) and expanded to tokens on
+    demand, so a corpus of long sequences does not hold a T×T mask per sample in memory.
+    """
+
+    input_ids: torch.Tensor  # (T,) long: BOS, then each utterance followed by the EoU
+    labels: torch.Tensor  # (T,) long: the token itself where it carries loss, else IGNORE (-100)
+    links: torch.Tensor  # (N, N) int8: [i, j] is SEES_ALL, SEES_EOU or 0 for query utterance i, key utterance j < i
+    eou_id: int
+    kind: str  # smr | lmr
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def attention(self) -> torch.Tensor:
+        """(T, T) bool, True where query row i may attend to key column j.
+
+        Every token sees BOS and its own causal prefix within its utterance, plus what ``links``
+        grants its utterance: another utterance whole, or only its EoU.
+        """
+        ids = self.input_ids
+        is_eou = ids == self.eou_id  # (T,)
+        utt = torch.cumsum(is_eou.long(), 0) - is_eou.long()  # (T,): an EoU belongs to the utterance it ends
+        utt[0] = -1  # BOS belongs to none
+        q, k = utt[:, None], utt[None, :]  # (T, 1), (1, T)
+        link = self.links[q.clamp(min=0), k.clamp(min=0)]  # (T, T); rows/columns of BOS are settled below
+        seen = (q == k) | (link == SEES_ALL) | ((link == SEES_EOU) & is_eou[None, :])  # (T, T)
+        seen[:, 0] = True  # BOS, the first sink
+        return seen & torch.ones_like(seen).tril()  # (T, T), causal
+
+
+def _layout(utterances: Sequence[Sequence[int]], eou_id: int, bos_id: int) -> tuple[torch.Tensor, list[range]]:
+    """``BOS u1 EoU u2 EoU ...`` (T,) and the span of each utterance (its tokens and its EoU)."""
+    ids, spans = [bos_id], []
+    for utt in utterances:
+        if eou_id in utt or bos_id in utt:  # the mask finds utterances by their EoU
+            raise ValueError("an utterance holds the BOS or EoU id; only the layout may place them")
+        start = len(ids)
+        ids += [int(t) for t in utt] + [eou_id]
+        spans.append(range(start, len(ids)))
+    return torch.as_tensor(ids, dtype=torch.long), spans
+
+
+def _labels(ids: torch.Tensor, targets: Iterable[range]) -> torch.Tensor:
+    labels = torch.full_like(ids, IGNORE)  # (T,)
+    for span in targets:
+        labels[span.start:span.stop] = ids[span.start:span.stop]
+    return labels
+
+
+def smr_sample(utterances: Sequence[Sequence[int]], eou_id: int, bos_id: int) -> MemorySample:
+    """``BOS (u EoU u EoU)×k`` for the k token lists in ``utterances``.
+
+    Each second copy sees BOS, its own causal prefix and the EoU of its first copy, never the
+    first copy's tokens; each first copy sees BOS and its own prefix. The loss is on the second
+    copies, their EoU included (labels are unshifted: the model shifts them).
+    """
+    doubled = [u for utt in utterances for u in (utt, utt)]
+    ids, spans = _layout(doubled, eou_id, bos_id)
+    links = torch.zeros(len(spans), len(spans), dtype=torch.int8)  # (N, N)
+    second = torch.arange(1, len(spans), 2)
+    links[second, second - 1] = SEES_EOU
+    return MemorySample(ids, _labels(ids, spans[1::2]), links, eou_id, "smr")
+
+
+def lmr_sample(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], repeat: int, eou_id: int,
+               bos_id: int) -> MemorySample:
+    """``BOS u1 EoU u1' EoU ... un EoU un' EoU ur EoU ur' EoU`` with r = ``repeat``.
+
+    Inside a pair, u' sees all of u, as a reply sees its prompt at inference; across pairs (they
+    come from different dialogues) every token sees only BOS and the earlier EoUs. The re-appended
+    pair sees the same, so its content can come back only through the sinks. The loss is on it.
+    """
+    if not 0 <= repeat < len(pairs):
+        raise ValueError(f"repeat must index one of the {len(pairs)} pairs; got {repeat}")
+    chain = [u for pair in [*pairs, pairs[repeat]] for u in pair]
+    ids, spans = _layout(chain, eou_id, bos_id)
+    n = len(spans)
+    links = torch.ones(n, n, dtype=torch.int8).tril(-1) * SEES_EOU  # (N, N): every earlier EoU
+    second = torch.arange(1, n, 2)
+    links[second, second - 1] = SEES_ALL
+    return MemorySample(ids, _labels(ids, spans[-2:]), links, eou_id, "lmr")
+
+
+def tokenize_dialogues(dialogues: Sequence[Dialogue], tokenizer: Any, max_tokens: int,
+                       reserved: Iterable[int] = ()) -> list[list[list[int]]]:
+    """Plain-text token ids of every utterance, cut to ``max_tokens``; empty ones dropped.
+
+    Special-token text inside an utterance (a literal ``<|im_end|>``) is split like ordinary text,
+    and ``reserved`` ids are dropped, so only the layout places BOS and EoU.
+    """
+    reserved = set(reserved)
+    out = []
+    for dialogue in dialogues:
+        encoded = tokenizer(list(dialogue), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        utts = [[t for t in ids if t not in reserved][:max_tokens] for ids in encoded]
+        out.append([u for u in utts if u])
+    return out
+
+
+def _smr_samples(utts: list[list[int]], config: MemoryTrainingConfig, eou_id: int, bos_id: int) -> list[MemorySample]:
+    samples, group, length = [], [], 1
+    for utt in utts:
+        need = 2 * (len(utt) + 1)
+        if group and (len(group) == config.pairs or length + need > config.max_tokens):
+            samples.append(smr_sample(group, eou_id, bos_id))
+            group, length = [], 1
+        group.append(utt)
+        length += need
+    if group:
+        samples.append(smr_sample(group, eou_id, bos_id))
+    return samples
+
+
+def _lmr_samples(pool: list[tuple[int, list[int], list[int]]], config: MemoryTrainingConfig, rng: random.Random,
+                 eou_id: int, bos_id: int) -> list[MemorySample]:
+    """Group (dialogue, u, u') pairs into LMR sequences, one pair per dialogue in a sequence
+    while other dialogues' pairs remain; the largest pair must still fit once more at the end."""
+    samples = []
+    while pool:
+        group, used, rest, length, largest = [], set(), [], 1, 0
+        for item in pool:
+            size = len(item[1]) + len(item[2]) + 2
+            fits = length + size + max(largest, size) <= config.max_tokens
+            if len(group) < config.pairs and item[0] not in used and fits:
+                group.append(item)
+                used.add(item[0])
+                length, largest = length + size, max(largest, size)
+            else:
+                rest.append(item)
+        pool = rest
+        pairs = [(u, v) for _, u, v in group]
+        samples.append(lmr_sample(pairs, rng.randrange(len(pairs)), eou_id, bos_id))
+    return samples
+
+
+def build_samples(dialogues: Sequence[Dialogue], tokenizer: Any, config: MemoryTrainingConfig, *, eou_id: int,
+                  bos_id: int) -> list[MemorySample]:
+    """SMR and/or LMR sequences (``config.method``) from ``dialogues``, shuffled; deterministic per seed.
+
+    SMR packs every utterance, ``config.pairs`` to a sequence. LMR uses the pairs (u0, u1),
+    (u2, u3), ... of each dialogue, ``config.pairs`` from different dialogues to a sequence.
+    """
+    rng = random.Random(config.seed)
+    tokenized = tokenize_dialogues(dialogues, tokenizer, config.max_utterance_tokens, (eou_id, bos_id))
+    samples: list[MemorySample] = []
+    if config.method in ("smr", "both"):
+        utts = [u for d in tokenized for u in d]
+        rng.shuffle(utts)
+        samples += _smr_samples(utts, config, eou_id, bos_id)
+    if config.method in ("lmr", "both"):
+        pool = [(i, d[j], d[j + 1]) for i, d in enumerate(tokenized) for j in range(0, len(d) - 1, 2)]
+        if not pool:
+            message = "LMR needs dialogues of at least two utterances (a prompt and its reply); none were found"
+            if config.method == "lmr":
+                raise ValueError(message)
+            logger.warning("%s; training SMR only", message)
+        rng.shuffle(pool)
+        samples += _lmr_samples(pool, config, rng, eou_id, bos_id)
+    if not samples:
+        raise ValueError("no training samples: every utterance is empty after tokenization")
+    rng.shuffle(samples)
+    return samples
+
+
+def collate(samples: Sequence[MemorySample], pad_id: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: input_ids (B, T), attention_mask (B, 1, T, T) additive float, labels (B, T).
+
+    A padding row attends to itself only, so no softmax row is empty; real rows never see padding.
+    """
+    t = max(len(s) for s in samples)
+    ids = torch.full((len(samples), t), pad_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(samples), t), IGNORE, dtype=torch.long)  # (B, T)
+    masks = []
+    for b, sample in enumerate(samples):
+        n = len(sample)
+        ids[b, :n], labels[b, :n] = sample.input_ids, sample.labels
+        mask = torch.eye(t, dtype=torch.bool)  # (T, T)
+        mask[:n, :n] = sample.attention
+        masks.append(additive_mask(mask, dtype))  # (1, 1, T, T)
+    return {"input_ids": ids, "attention_mask": torch.cat(masks), "labels": labels}  # mask: (B, 1, T, T)
+
+
+def batch_loss(model: Any, batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over the labelled positions, and how many there are."""
+    labels = batch["labels"].to(device)  # (B, T)
+    targets = labels[:, 1:]  # (B, T-1): position i predicts token i+1
+    # The LM head runs only where some row has a target: LMR labels one pair of many, SMR half.
+    keep = (targets != IGNORE).any(0).nonzero().flatten()  # (K,)
+    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                   use_cache=False, logits_to_keep=keep).logits  # (B, K, V)
+    targets = targets[:, keep]  # (B, K)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    return loss, int((targets != IGNORE).sum())
+
+
+@torch.no_grad()
+def memory_loss(model: Any, samples: Sequence[MemorySample], *, pad_id: int, dtype: torch.dtype,
+                device: torch.device, batch_size: int = 4) -> float:
+    """Mean cross-entropy per target token of ``samples`` under their memory masks (no dropout)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(samples), batch_size):
+        loss, n = batch_loss(model, collate(samples[i:i + batch_size], pad_id, dtype), device)
+        total, count = total + float(loss), count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+# --- training -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainingReport:
+    """What a ``train_memory`` run did. ``probe`` is the fixed batch scored before and after."""
+
+    steps: int
+    seconds: float
+    first_loss: float  # mean per-token loss of the first training batch (before its update)
+    last_loss: float  # ... of the last training batch
+    probe_loss_before: float
+    probe_loss_after: float
+    probe_held_out: bool  # False when too few samples to hold some out: the probe was trained on
+    train_samples: int
+    out_dir: Path
+    probe: tuple[MemorySample, ...] = field(repr=False, default=())
+
+    @property
+    def steps_per_second(self) -> float:
+        return self.steps / self.seconds if self.seconds > 0 else 0.0
+
+
+def bos_token_id(loaded: LoadedModel) -> int:
+    """The first sink: the tokenizer's BOS, else the model config's (``<|im_start|>`` for ChatML)."""
+    for owner in (loaded.tokenizer, getattr(loaded.model, "config", None)):
+        bos = getattr(owner, "bos_token_id", None)
+        if isinstance(bos, int):
+            return bos
+    raise ValueError(f"model {loaded.name} defines no BOS token; StreamingDialogue needs one as its first sink")
+
+
+def _check_out_dir(out_dir: Path | str) -> Path:
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for the adapter")
+    if out.is_dir() and any(out.iterdir()) and not (out / "adapter_config.json").is_file():
+        raise ValueError(f"--out {out} is a non-empty folder that holds no adapter; choose a new or empty folder")
+    return out
+
+
+def _split_probe(samples: list[MemorySample], batch_size: int) -> tuple[list[MemorySample], list[MemorySample], bool]:
+    """Hold out one batch (at most a tenth of the samples) to score before and after training."""
+    held = min(batch_size, len(samples) // 10)
+    if held == 0:
+        return samples[:batch_size], samples, False
+    return samples[:held], samples[held:], True
+
+
+class _Restore:
+    """The parts of a model that wrapping it in peft changes, put back afterwards."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.training = model.training
+        self.requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+
+    def __call__(self) -> None:
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(self.requires_grad.get(name, p.requires_grad))
+        self.model.train(self.training)
+
+
+def _lora(model: Any, config: MemoryTrainingConfig) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                      target_modules=list(config.TARGET_MODULES), task_type="CAUSAL_LM")
+    with warnings.catch_warnings():  # peft probes a deprecated transformers property on every wrap
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_peft_model(model, lora)
+
+
+def train_memory(loaded: LoadedModel, samples_source: str | Path | Sequence[Sequence[str]],
+                 config: MemoryTrainingConfig, out_dir: Path | str,
+                 progress: ProgressFn | None = None) -> TrainingReport:
+    """Train SMR/LMR LoRA (q_proj, v_proj) on ``loaded.model`` and save the adapter in ``out_dir``.
+
+    ``samples_source`` is ``"synthetic"``, a corpus file (see ``load_corpus``) or a list of
+    dialogues. ``progress(step, total, loss)`` is called after every optimizer step. The adapter
+    goes to ``out_dir`` (peft's ``save_pretrained``) with ``personalign-memory.json`` beside it.
+    The LoRA layers are removed afterwards, leaving ``loaded.model`` as it was.
+
+    A 4-bit or 8-bit base is trained as it stands (frozen, LoRA weights in float32), rather than
+    through peft's ``prepare_model_for_kbit_training``: that casts the base to float32 for good,
+    which the app's shared model must not undergo, and a 135M model needs none of its savings.
+    """
+    if loaded.adapter is not None:
+        raise ValueError(f"{loaded.name} already carries the adapter {loaded.adapter}; train on the base model alone")
+    out = _check_out_dir(out_dir)
+    dialogues = load_dialogues(samples_source, config)
+    eou, bos = loaded.eou_token_id, bos_token_id(loaded)
+    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else eou
+    samples = build_samples(dialogues, loaded.tokenizer, config, eou_id=eou, bos_id=bos)
+    probe, train, held_out = _split_probe(samples, config.batch_size)
+    per_epoch = math.ceil(len(train) / config.batch_size)
+    total = per_epoch * config.epochs if config.max_steps is None else min(per_epoch * config.epochs, config.max_steps)
+    logger.info("memory training (%s): %d dialogues -> %d sequences, %d steps", config.method, len(dialogues),
+                len(train), total)
+    score = {"pad_id": pad, "dtype": loaded.dtype, "device": loaded.device, "batch_size": config.batch_size}
+
+    model, restore = loaded.model, _Restore(loaded.model)
+    devices = [loaded.device.index or 0] if loaded.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # seeded LoRA init and dropout, global RNG untouched
+        torch.manual_seed(config.seed)
+        peft_model = _lora(model, config)
+        try:
+            probe_before = memory_loss(peft_model, probe, **score)  # LoRA starts as a no-op: the base model
+            params = [p for p in peft_model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=config.lr)
+            order = random.Random(config.seed)
+            losses: list[float] = []
+            start = time.perf_counter()
+            peft_model.train()
+            while len(losses) < total:
+                epoch = order.sample(train, len(train))
+                for i in range(0, len(epoch), config.batch_size):
+                    batch = collate(epoch[i:i + config.batch_size], pad, loaded.dtype)
+                    loss_sum, count = batch_loss(peft_model, batch, loaded.device)
+                    loss = loss_sum / max(count, 1)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(params, 1.0)
+                    optimizer.step()
+                    losses.append(loss.item())
+                    if progress is not None:
+                        progress(len(losses), total, losses[-1])
+                    if len(losses) == total:
+                        break
+            seconds = time.perf_counter() - start
+            probe_after = memory_loss(peft_model, probe, **score)
+            peft_model.save_pretrained(str(out))
+            _write_metadata(out, loaded, config, samples_source, eou, bos, len(losses), losses[-1],
+                            probe_before, probe_after)
+        finally:
+            peft_model.unload()  # drops the LoRA layers, back to the original modules
+            restore()
+    logger.info("memory training done: %d steps in %.1f s, loss %.4f -> %.4f", len(losses), seconds, losses[0],
+                losses[-1])
+    return TrainingReport(steps=len(losses), seconds=seconds, first_loss=losses[0], last_loss=losses[-1],
+                          probe_loss_before=probe_before, probe_loss_after=probe_after, probe_held_out=held_out,
+                          train_samples=len(train), out_dir=out, probe=tuple(probe))
+
+
+def _write_metadata(out: Path, loaded: LoadedModel, config: MemoryTrainingConfig, source: Any, eou: int, bos: int,
+                    steps: int, final_loss: float, probe_before: float, probe_after: float) -> None:
+    data = SYNTHETIC if isinstance(source, str) and source == SYNTHETIC else (
+        Path(source).name if isinstance(source, (str, Path)) else "in-memory dialogues")
+    meta = {
+        "base_model": loaded.name,
+        "base_config": base_fingerprint(loaded.model),
+        "eou_token_id": eou,
+        "bos_token_id": bos,
+        "method": config.method,
+        "steps": steps,
+        "final_loss": round(final_loss, 6),
+        "probe_loss_before": round(probe_before, 6),
+        "probe_loss_after": round(probe_after, 6),
+        "lora": {"rank": config.rank, "alpha": config.alpha, "dropout": config.dropout,
+                 "target_modules": list(config.TARGET_MODULES)},
+        "lr": config.lr,
+        "max_tokens": config.max_tokens,
+        "seed": config.seed,
+        "data": data,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    (out / ADAPTER_METADATA).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,386 @@
+"""SMR/LMR memory training: masks and labels, data sources, training, the adapter, and the CLI."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from personalign.cli import main
+from personalign.memory_training import (
+    IGNORE,
+    MemoryTrainingConfig,
+    build_samples,
+    collate,
+    lmr_sample,
+    load_corpus,
+    memory_loss,
+    smr_sample,
+    synthetic_dialogues,
+    train_memory,
+)
+from personalign.models import ADAPTER_METADATA, ModelConfig, apply_adapter, load_model
+from personalign.streaming_dialogue import additive_mask, streaming_dialogue_mask
+from tests.conftest import make_tiny_llm
+
+BOS, EOU = 1, 2  # as in tests/conftest.py (and SmolLM2)
+A, B, C, D = 10, 20, 30, 40
+# Small and fast on the tiny model; a high lr so that a few steps visibly move the loss.
+FAST = MemoryTrainingConfig(samples=40, max_tokens=192, pairs=4, lr=5e-3, max_steps=12, seed=3)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    llm = make_tiny_llm()
+    folder = tmp_path_factory.mktemp("tiny-model")
+    llm.model.save_pretrained(folder)
+    llm.tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_folder, tmp_path_factory):
+    """One short training run on a freshly loaded tiny model: (loaded model, report, its state before)."""
+    loaded = load_model(ModelConfig(model=str(tiny_folder), device="cpu"))
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    steps = []
+    out = tmp_path_factory.mktemp("adapter")
+    report = train_memory(loaded, "synthetic", FAST, out, progress=lambda *a: steps.append(a))
+    return loaded, report, before, steps
+
+
+def _rows(*rows: str) -> torch.Tensor:
+    return torch.tensor([[c == "1" for c in row.replace(" ", "")] for row in rows])
+
+
+# --- masks and labels on hand-built sequences ----------------------------------------------------
+
+
+def test_smr_mask_and_labels_on_hand_built_sequence() -> None:
+    sample = smr_sample([[A, A], [B]], EOU, BOS)
+    #                  0    1  2  3    4  5  6    7  8    9  10
+    assert sample.input_ids.tolist() == [BOS, A, A, EOU, A, A, EOU, B, EOU, B, EOU]
+    expected = _rows(
+        # B a a E a a E b E b E
+        "1 0 0 0 0 0 0 0 0 0 0",  # BOS
+        "1 1 0 0 0 0 0 0 0 0 0",  # a   first copy: BOS and its own prefix
+        "1 1 1 0 0 0 0 0 0 0 0",  # a
+        "1 1 1 1 0 0 0 0 0 0 0",  # EoU of the first copy
+        "1 0 0 1 1 0 0 0 0 0 0",  # a'  second copy: BOS, the first copy's EoU, own prefix
+        "1 0 0 1 1 1 0 0 0 0 0",  # a'
+        "1 0 0 1 1 1 1 0 0 0 0",  # EoU'
+        "1 0 0 0 0 0 0 1 0 0 0",  # b   the next pair sees nothing of the first
+        "1 0 0 0 0 0 0 1 1 0 0",  # EoU
+        "1 0 0 0 0 0 0 0 1 1 0",  # b'
+        "1 0 0 0 0 0 0 0 1 1 1",  # EoU'
+    )
+    assert torch.equal(sample.attention, expected)
+    assert sample.labels.tolist() == [IGNORE] * 4 + [A, A, EOU] + [IGNORE] * 2 + [B, EOU]
+    assert sample.kind == "smr"
+
+
+def test_lmr_mask_and_labels_on_hand_built_sequence() -> None:
+    sample = lmr_sample([([A], [B]), ([C], [D])], 0, EOU, BOS)
+    #                  0    1  2    3  4    5  6    7  8    9  10   11 12
+    assert sample.input_ids.tolist() == [BOS, A, EOU, B, EOU, C, EOU, D, EOU, A, EOU, B, EOU]
+    expected = _rows(
+        # B a E b E c E d E a E b E
+        "1 0 0 0 0 0 0 0 0 0 0 0 0",  # BOS
+        "1 1 0 0 0 0 0 0 0 0 0 0 0",  # a
+        "1 1 1 0 0 0 0 0 0 0 0 0 0",  # EoU(a)
+        "1 1 1 1 0 0 0 0 0 0 0 0 0",  # b: its prompt a whole, own prefix
+        "1 1 1 1 1 0 0 0 0 0 0 0 0",  # EoU(b)
+        "1 0 1 0 1 1 0 0 0 0 0 0 0",  # c: another dialogue, so only the sinks of the first pair
+        "1 0 1 0 1 1 1 0 0 0 0 0 0",  # EoU(c)
+        "1 0 1 0 1 1 1 1 0 0 0 0 0",  # d: c whole, sinks
+        "1 0 1 0 1 1 1 1 1 0 0 0 0",  # EoU(d)
+        "1 0 1 0 1 0 1 0 1 1 0 0 0",  # a again: sinks only
+        "1 0 1 0 1 0 1 0 1 1 1 0 0",  # its EoU
+        "1 0 1 0 1 0 1 0 1 1 1 1 0",  # b again: sinks, a again whole, own prefix
+        "1 0 1 0 1 0 1 0 1 1 1 1 1",  # its EoU
+    )
+    assert torch.equal(sample.attention, expected)
+    assert sample.labels.tolist() == [IGNORE] * 9 + [A, EOU, B, EOU]
+    with pytest.raises(ValueError, match="repeat"):
+        lmr_sample([([A], [B])], 1, EOU, BOS)
+    with pytest.raises(ValueError, match="only the layout"):
+        smr_sample([[A, EOU, B]], EOU, BOS)
+
+
+def test_training_masks_never_allow_what_inference_forbids(tiny_llm) -> None:
+    # The inference mask is what the model runs with later: training may only remove links from it.
+    config = MemoryTrainingConfig(samples=12, max_tokens=160, pairs=3)
+    samples = build_samples(synthetic_dialogues(12, 0), tiny_llm.tokenizer, config, eou_id=EOU, bos_id=BOS)
+    assert {s.kind for s in samples} == {"smr", "lmr"}
+    for s in samples:
+        inference = streaming_dialogue_mask(s.input_ids.tolist(), EOU, BOS)
+        assert not (s.attention & ~inference).any()
+
+
+def test_built_samples_copy_what_they_must_recall(tiny_llm) -> None:
+    config = MemoryTrainingConfig(samples=20, max_tokens=200, pairs=4, seed=5)
+    samples = build_samples(synthetic_dialogues(20, 5), tiny_llm.tokenizer, config, eou_id=EOU, bos_id=BOS)
+    for s in samples:
+        ids = s.input_ids.tolist()
+        assert ids[0] == BOS and ids[-1] == EOU and len(ids) <= config.max_tokens
+        assert ids.count(BOS) == 1  # only the layout places BOS and EoU
+        target = [t for t, label in zip(ids, s.labels.tolist()) if label != IGNORE]
+        assert target == [label for label in s.labels.tolist() if label != IGNORE]
+        utterances = _split(ids[1:])
+        if s.kind == "smr":  # (u, u) pairs; the loss is on each second copy
+            assert all(utterances[i] == utterances[i + 1] for i in range(0, len(utterances), 2))
+            assert target == [t for i in range(1, len(utterances), 2) for t in utterances[i] + [EOU]]
+        else:  # the last pair repeats an earlier pair; the loss is on it
+            *earlier, u, v = utterances
+            assert [u, v] in [earlier[i:i + 2] for i in range(0, len(earlier), 2)]
+            assert target == u + [EOU] + v + [EOU]
+
+
+def _split(ids: list[int]) -> list[list[int]]:
+    out, current = [], []
+    for t in ids:
+        if t == EOU:
+            out.append(current)
+            current = []
+        else:
+            current.append(t)
+    return out
+
+
+def test_build_samples_is_deterministic_per_seed(tiny_llm) -> None:
+    dialogues = synthetic_dialogues(15, 0)
+
+    def build(seed: int) -> list[list[int]]:
+        config = MemoryTrainingConfig(max_tokens=160, seed=seed)
+        return [s.input_ids.tolist() for s in build_samples(dialogues, tiny_llm.tokenizer, config, eou_id=EOU,
+                                                             bos_id=BOS)]
+
+    assert build(1) == build(1) != build(2)
+
+
+def test_special_token_text_in_an_utterance_is_ordinary_text(tiny_llm) -> None:
+    config = MemoryTrainingConfig(method="smr", max_tokens=64)
+    (sample,) = build_samples([("a <|im_end|> b",)], tiny_llm.tokenizer, config, eou_id=EOU, bos_id=BOS)
+    assert sample.input_ids.tolist().count(EOU) == 2  # the two copies' own EoUs only
+
+
+def test_lmr_needs_two_utterance_dialogues(tiny_llm) -> None:
+    with pytest.raises(ValueError, match="at least two utterances"):
+        build_samples([("alone",), ("also alone",)], tiny_llm.tokenizer, MemoryTrainingConfig(method="lmr"),
+                      eou_id=EOU, bos_id=BOS)
+    both = build_samples([("alone",)], tiny_llm.tokenizer, MemoryTrainingConfig(), eou_id=EOU, bos_id=BOS)
+    assert [s.kind for s in both] == ["smr"]
+
+
+def test_collate_pads_without_empty_rows() -> None:
+    short, long = smr_sample([[A]], EOU, BOS), smr_sample([[A, B, C]], EOU, BOS)
+    batch = collate([short, long], pad_id=EOU, dtype=torch.float32)
+    assert batch["input_ids"].shape == (2, 9) and batch["attention_mask"].shape == (2, 1, 9, 9)
+    assert batch["labels"][0, 5:].tolist() == [IGNORE] * 4
+    allowed = batch["attention_mask"] == 0  # (B, 1, T, T)
+    assert allowed.any(-1).all()  # every row, padding included, attends somewhere
+    assert not allowed[0, 0, :5, 5:].any()  # real tokens never see padding
+    assert torch.equal(allowed[1, 0], long.attention)
+
+
+# --- the model honours the masks ----------------------------------------------------------------
+
+
+def _logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(T,) ids under a (T, T) bool mask -> (T, V) logits."""
+    with torch.no_grad():
+        return model(input_ids=ids[None], attention_mask=additive_mask(mask, torch.float32)).logits[0]
+
+
+def test_4d_masks_work_under_eager_and_sdpa_and_are_honoured(tiny_llm) -> None:
+    sample = smr_sample([[A, B, C], [D, D]], EOU, BOS)  # u1 at 1..4, u1' at 5..8, u2 at 9..11, u2' at 12..14
+    ids, mask = sample.input_ids, sample.attention
+    sdpa = _logits(tiny_llm.model, ids, mask)
+    eager_model = copy.deepcopy(tiny_llm.model)
+    eager_model.set_attn_implementation("eager")
+    torch.testing.assert_close(_logits(eager_model, ids, mask), sdpa, rtol=1e-4, atol=1e-5)
+
+    causal = _logits(tiny_llm.model, ids, torch.ones_like(mask).tril())
+    assert not torch.allclose(causal[5:9], sdpa[5:9])  # the mask changes what the copy sees
+
+    changed_ids = sample.input_ids.clone()
+    changed_ids[1:4] = torch.tensor([50, 60, 70])  # another first copy of u1 (the copy keeps A B C)
+    changed = _logits(tiny_llm.model, changed_ids, mask)
+    torch.testing.assert_close(changed[9:], sdpa[9:])  # the second pair cannot see u1 at all
+    assert not torch.allclose(changed[5:9], sdpa[5:9])  # u1' sees it, through the EoU alone
+
+
+# --- data sources -------------------------------------------------------------------------------
+
+
+def test_text_corpus(tmp_path) -> None:
+    path = tmp_path / "corpus.txt"
+    path.write_text("Hello there.\n  I am Ana.  \n\n\n\nSecond dialogue\nreply\n  \nthird line?\n", encoding="utf-8")
+    assert load_corpus(path) == [("Hello there.", "I am Ana."), ("Second dialogue", "reply"), ("third line?",)]
+
+
+def test_jsonl_corpus_by_suffix_or_content(tmp_path) -> None:
+    lines = ['{"dialogue": ["hi", "  ", "hello"]}', "", '{"dialogue": ["one"]}', '{"dialogue": []}']
+    for name in ("corpus.jsonl", "corpus.txt"):
+        path = tmp_path / name
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        assert load_corpus(path) == [("hi", "hello"), ("one",)]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("empty.txt", "", "holds no utterances"),
+        ("blank.txt", "\n  \n\n", "holds no utterances"),
+        ("bad.jsonl", '{"dialogue": ["a"]}\n{"dialogue": [\n', "line 2: not valid JSON"),
+        ("shape.jsonl", '{"dialogue": "not a list"}\n', 'line 1: expected {"dialogue"'),
+        ("kind.jsonl", '{"dialogue": ["a", 3]}\n', "line 1: expected"),
+        ("array.jsonl", '["a", "b"]\n', "line 1: expected"),
+        ("empty.jsonl", '{"dialogue": []}\n', "holds no utterances"),
+    ],
+)
+def test_bad_corpus_files_are_clear_errors(tmp_path, name, content, message) -> None:
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("{", r"\{")):
+        load_corpus(path)
+
+
+def test_unreadable_corpus_paths_are_clear_errors(tmp_path) -> None:
+    with pytest.raises(ValueError, match="not found"):
+        load_corpus(tmp_path / "missing.txt")
+    with pytest.raises(ValueError, match="is a folder"):
+        load_corpus(tmp_path)
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="not UTF-8"):
+        load_corpus(latin)
+
+
+def test_synthetic_dialogues_are_deterministic_and_full_of_facts() -> None:
+    first = synthetic_dialogues(50, seed=7)
+    assert first == synthetic_dialogues(50, seed=7) != synthetic_dialogues(50, seed=8)
+    assert len(first) == 50 and all(4 <= len(d) <= 8 for d in first)
+    assert len({d for d in first}) == 50
+    utterances = [u for d in first for u in d]
+    assert all(u.strip() == u and u for u in utterances)
+    assert sum(any(ch.isdigit() for ch in u) for u in utterances) > len(utterances) / 2
+    with pytest.raises(ValueError):
+        synthetic_dialogues(0)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"method": "sft"}, {"rank": 0}, {"lr": 0.0}, {"lr": 2.0}, {"max_steps": 0}, {"dropout": 1.0},
+     {"max_tokens": 8}, {"epochs": 0}, {"batch_size": 0}, {"samples": 0}],
+)
+def test_config_is_checked(kwargs) -> None:
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        MemoryTrainingConfig(**kwargs)
+
+
+def test_config_defaults_follow_the_published_recipe() -> None:
+    config = MemoryTrainingConfig()
+    assert (config.method, config.rank, config.alpha, config.lr, config.epochs) == ("both", 8, 16, 5e-5, 1)
+    assert config.TARGET_MODULES == ("q_proj", "v_proj")
+
+
+# --- training and the adapter -------------------------------------------------------------------
+
+
+def test_training_reduces_the_loss_on_a_fixed_batch(trained) -> None:
+    loaded, report, _, steps = trained
+    assert report.steps == FAST.max_steps and report.seconds > 0 and report.probe_held_out
+    assert report.probe_loss_after < report.probe_loss_before - 0.05
+    assert [s[:2] for s in steps] == [(i, FAST.max_steps) for i in range(1, FAST.max_steps + 1)]
+    assert steps[0][2] == report.first_loss and steps[-1][2] == report.last_loss
+    # The probe scored on the untouched base model gives the "before" figure again.
+    score = {"pad_id": EOU, "dtype": torch.float32, "device": loaded.device}
+    assert memory_loss(loaded.model, report.probe, **score) == pytest.approx(report.probe_loss_before, rel=1e-5)
+
+
+def test_the_base_model_is_left_as_it_was(trained) -> None:
+    loaded, _, before, _ = trained
+    model = loaded.model
+    assert not model.training and not hasattr(model, "peft_config")
+    assert not any("lora" in name for name, _ in model.named_modules())
+    assert all(p.requires_grad for p in model.parameters())  # as from_pretrained left them
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_adapter_folder_and_metadata(trained) -> None:
+    loaded, report, _, _ = trained
+    files = {p.name for p in report.out_dir.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", ADAPTER_METADATA} <= files
+    meta = json.loads((report.out_dir / ADAPTER_METADATA).read_text())
+    assert meta["base_model"] == loaded.name and meta["method"] == "both" and meta["steps"] == FAST.max_steps
+    assert (meta["eou_token_id"], meta["bos_token_id"]) == (EOU, BOS)
+    assert meta["final_loss"] == pytest.approx(report.last_loss, abs=1e-5) and meta["date"]
+    config = json.loads((report.out_dir / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"] and config["r"] == FAST.rank
+
+
+def test_saved_adapter_loads_and_reproduces_the_trained_model(trained, tiny_folder) -> None:
+    _, report, _, _ = trained
+    adapted = load_model(ModelConfig(model=str(tiny_folder), device="cpu", adapter=report.out_dir))
+    assert adapted.adapter == report.out_dir and type(adapted.model).__name__ == "LlamaForCausalLM"  # merged
+    score = {"pad_id": EOU, "dtype": torch.float32, "device": adapted.device}
+    # The probe loss the trained (unmerged, in-memory) model scored before its LoRA was removed.
+    assert memory_loss(adapted.model, report.probe, **score) == pytest.approx(report.probe_loss_after, rel=1e-4)
+
+    base = load_model(ModelConfig(model=str(tiny_folder), device="cpu"))
+    # As on a 4-bit base: the LoRA kept beside the weights, as during training, not merged into them.
+    unmerged = apply_adapter(dataclasses.replace(copy.deepcopy(base), quantization="4bit"), report.out_dir).model
+    ids, mask = report.probe[0].input_ids, report.probe[0].attention
+    merged = _logits(adapted.model, ids, mask)
+    torch.testing.assert_close(merged, _logits(unmerged, ids, mask), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(merged, _logits(base.model, ids, mask), atol=1e-4)
+
+
+def test_out_dir_that_is_not_an_adapter_is_refused_before_training(tmp_path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    loaded = make_tiny_llm()
+    with pytest.raises(ValueError, match="non-empty folder"):
+        train_memory(loaded, "synthetic", FAST, tmp_path)
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def test_train_memory_command_end_to_end(tiny_folder, tmp_path, capsys) -> None:
+    corpus = tmp_path / "corpus.jsonl"
+    dialogues = synthetic_dialogues(12, seed=1)
+    corpus.write_text("".join(json.dumps({"dialogue": list(d)}) + "\n" for d in dialogues), encoding="utf-8")
+    out = tmp_path / "adapter"
+    code = main(["train-memory", "--model", str(tiny_folder), "--device", "cpu", "--data", str(corpus),
+                 "--out", str(out), "--method", "smr", "--steps", "3", "--lr", "1e-3", "--rank", "4",
+                 "--max-tokens", "128", "--seed", "2"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "step 3/3" in captured.err and "adapter saved to" in captured.out and "3 steps" in captured.out
+    meta = json.loads((out / ADAPTER_METADATA).read_text())
+    assert (meta["method"], meta["steps"], meta["lora"]["rank"], meta["data"]) == ("smr", 3, 4, "corpus.jsonl")
+
+    code = main(["info", "--model", str(tiny_folder), "--device", "cpu", "--adapter", str(out),
+                 "--data-dir", str(tmp_path / "data")])
+    assert code == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--data", "no-such-corpus.txt"], "corpus file not found"),
+        (["--data", "synthetic", "--steps", "0"], "max_steps"),
+        (["--data", "synthetic", "--adapter", "."], "leave out --adapter"),
+    ],
+)
+def test_train_memory_errors_are_one_line_and_exit_2(tiny_folder, tmp_path, capsys, extra, message) -> None:
+    code = main(["train-memory", "--model", str(tiny_folder), "--device", "cpu", "--out", str(tmp_path / "o"),
+                 *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and message in err
