@@ -4,7 +4,9 @@
 KV cache. The model's own forward is always used; the cache is any transformers
 ``Cache`` passed as ``past_key_values``, so a custom cache (or a registered attention
 function selected through the model config) plugs in without touching this loop.
-Batch size is 1 throughout: one chat reply at a time.
+Batch size is 1 throughout: one chat reply at a time. Persona guidance, which decodes
+the prompt with and without the persona side by side, lives in ``guidance``;
+``generate_tokens`` hands over to it when asked.
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ import torch
 
 REPLACEMENT_CHAR = "\ufffd"
 _NUCLEUS_WINDOW = 64  # first top-k window searched for the top-p nucleus
+# Cap on persona guidance. At strength g the guided log-probs are log p(no persona) plus
+# (1 + g) times the persona's shift, so 10 already amplifies that shift elevenfold. Sanchez
+# et al. report their gains at guidance 1.5-3 on their scale, which is 1 + g (g = 0.5-2),
+# and text degrades as it grows: past 10 a reply is driven by noise in the shift.
+MAX_PERSONA_STRENGTH = 10.0
 
 
 def _is_int(value: object) -> bool:
@@ -30,12 +37,19 @@ def _is_number(value: object) -> bool:
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """Sampling settings; ``temperature == 0`` means greedy decoding."""
+    """Sampling settings; ``temperature == 0`` means greedy decoding.
+
+    ``persona_strength`` (gamma) is classifier-free guidance toward the persona: each step
+    samples from (1 + gamma) log p(.| with persona) - gamma log p(.| without persona).
+    0 means plain decoding; it takes effect only when the prompt without the persona is
+    given too (``generate_tokens(..., unconditioned_ids=...)``).
+    """
 
     max_new_tokens: int = 256
     temperature: float = 0.7
     top_p: float = 0.9
     seed: int | None = None
+    persona_strength: float = 0.0
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
@@ -46,6 +60,11 @@ class GenerationConfig:
             raise ValueError(f"top_p must be in (0, 1]; got {self.top_p!r}")
         if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
             raise ValueError(f"seed must be None or a whole number >= 0; got {self.seed!r}")
+        strength = self.persona_strength
+        if not _is_number(strength) or not math.isfinite(strength) or not 0 <= strength <= MAX_PERSONA_STRENGTH:
+            raise ValueError(
+                f"persona_strength must be a finite number from 0 to {MAX_PERSONA_STRENGTH:g} (0 = off); got {strength!r}"
+            )
 
     @property
     def greedy(self) -> bool:
@@ -121,6 +140,19 @@ def make_generator(device: torch.device, seed: int | None) -> torch.Generator:
     return generator
 
 
+def prompt_tensor(input_ids: Any, device: torch.device, *, name: str = "input_ids") -> torch.Tensor:
+    """One prompt as a (1, T) tensor on ``device``; raise ValueError for anything else.
+
+    input_ids: (T,) or (1, T) -> (1, T)
+    """
+    ids = torch.as_tensor(input_ids, device=device)
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)  # (T,) -> (1, T)
+    if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
+        raise ValueError(f"{name} must be one non-empty sequence, shape (1, T); got {tuple(ids.shape)}")
+    return ids
+
+
 def generate_tokens(
     model: Any,
     input_ids: torch.Tensor,
@@ -129,6 +161,7 @@ def generate_tokens(
     stop_token_ids: Collection[int],
     cache: Any = None,
     should_stop: Callable[[], bool] | None = None,
+    unconditioned_ids: torch.Tensor | None = None,
 ) -> Iterator[int]:
     """Yield new token ids one by one for a single prompt.
 
@@ -136,34 +169,64 @@ def generate_tokens(
     ``should_stop()`` is true; it is checked before every model step, so a stop request
     costs at most the step already running.
     input_ids: (T,) or (1, T).
+    unconditioned_ids: the same conversation's prompt without the persona, (T',) or (1, T');
+    with ``config.persona_strength > 0`` decoding is persona-guided (see ``guidance``),
+    otherwise it is ignored.
     """
-    device = model.device
-    input_ids = torch.as_tensor(input_ids, device=device)
-    if input_ids.dim() == 1:
-        input_ids = input_ids.unsqueeze(0)  # (T,) -> (1, T)
-    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be one non-empty sequence, shape (1, T); got {tuple(input_ids.shape)}")
+    if unconditioned_ids is not None and config.persona_strength > 0:
+        if cache is not None:
+            # Guided decoding runs both prompts as two rows of one batch, so it needs a
+            # batch-2 cache whose padding it controls; a caller's cache (batch 1, or a
+            # policy such as StreamingDialogue eviction that knows nothing of the padded
+            # row) would be silently wrong, so refuse it instead.
+            raise ValueError("persona guidance keeps its own batched KV cache; do not pass `cache` with it")
+        # Imported here, not at the top: guidance imports this module.
+        from personalign.guidance import generate_guided_tokens
+
+        return generate_guided_tokens(
+            model, input_ids, unconditioned_ids, config, stop_token_ids=stop_token_ids, should_stop=should_stop
+        )
+    input_ids = prompt_tensor(input_ids, model.device)
     cache = new_cache(model) if cache is None else cache
+
+    def next_logits(token: torch.Tensor | None) -> torch.Tensor:
+        return prefill(model, input_ids, cache) if token is None else decode_one_token(model, token, cache)
+
+    # Checks above run at call time; the loop below runs lazily as tokens are asked for.
+    return token_loop(next_logits, config, stop_token_ids=stop_token_ids, device=model.device, should_stop=should_stop)
+
+
+def token_loop(
+    next_logits: Callable[[torch.Tensor | None], torch.Tensor],
+    config: GenerationConfig,
+    *,
+    stop_token_ids: Collection[int],
+    device: torch.device,
+    should_stop: Callable[[], bool] | None = None,
+) -> Iterator[int]:
+    """The sampling loop shared by plain and guided decoding, lazily yielding token ids.
+
+    ``next_logits(None)`` runs the prefill; ``next_logits(token)`` feeds the token just
+    chosen, (1, 1), and both return the next-token logits, (1, V). Stop rules and the
+    seeded generator live here so every decoding path ends and samples the same way.
+    """
     generator = None if config.greedy else make_generator(device, config.seed)
     stop = frozenset(int(i) for i in stop_token_ids)
-    # Checks above run at call time; the loop below runs lazily as tokens are asked for.
-    return _token_loop(model, input_ids, config, stop, cache, generator, should_stop)
+    return _token_loop(next_logits, config, stop, generator, should_stop)
 
 
 def _token_loop(
-    model: Any,
-    input_ids: torch.Tensor,
+    next_logits: Callable[[torch.Tensor | None], torch.Tensor],
     config: GenerationConfig,
     stop: frozenset[int],
-    cache: Any,
     generator: torch.Generator | None,
     should_stop: Callable[[], bool] | None,
 ) -> Iterator[int]:
-    token = input_ids
-    for step in range(config.max_new_tokens):
+    token = None
+    for _ in range(config.max_new_tokens):
         if should_stop is not None and should_stop():
             return
-        logits = prefill(model, input_ids, cache) if step == 0 else decode_one_token(model, token, cache)  # (1, V)
+        logits = next_logits(token)  # (1, V)
         token = sample(logits, config, generator)  # (1, 1)
         token_id = int(token.item())
         if token_id in stop:
