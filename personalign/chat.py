@@ -178,9 +178,75 @@ class ChatService:
             event.set()
 
     def feedback(self, user: str | None, message_id: int, value: int) -> None:
-        """Thumbs up (+1), down (-1) or cleared (0) on one of the user's messages."""
+        """Thumbs up (+1), down (-1) or cleared (0) on one of the user's messages.
+
+        With the persona's consent to learn from chat, a rated reply is also kept as the
+        persona's behaviour (its question, and the reply as chosen or rejected).
+        """
+        user_id = self._accounts.user_id(user)
         with self._db.session() as s, user_errors():
-            storage.set_feedback(session=s, user_id=self._accounts.user_id(user), message_id=message_id, value=value)
+            storage.set_feedback(session=s, user_id=user_id, message_id=message_id, value=value)
+            storage.delete_preference_events_for_message(session=s, user_id=user_id, message_id=message_id)
+            learning = self._learning_context(s, user_id, message_id)
+            if learning is not None and value:
+                persona_id, question, answer = learning
+                side = {"chosen": answer} if value > 0 else {"rejected": answer}
+                storage.add_preference_event(session=s, user_id=user_id, persona_id=persona_id, kind="thumb",
+                                             prompt=question, message_id=message_id, **side)
+
+    def alternative(self, user: str | None, conversation_id: int, *, persona_id: int | None, mode: Mode | str,
+                    generation: GenerationConfig) -> Iterator[str]:
+        """A second answer to the last question, streamed and NOT stored, to pick between.
+
+        It reads the whole (trimmed) history like dense memory, whatever the chat's policy,
+        so the conversation's saved memory is left untouched.
+        """
+        stored = self.turns(user, conversation_id)
+        if len(stored) < 2 or stored[-1].role != "assistant":
+            raise UserError("There is no answer to compare with yet: send a message first.")
+        history = [_message(t) for t in stored[:-2]]
+        messages, _ = self._messages(user, history, stored[-2].content, persona_id, Mode(mode),
+                                     generation.max_new_tokens)
+        return self._engine.stream(messages, generation, stop_event=self._stop_event(user))
+
+    def pick(self, user: str | None, conversation_id: int, *, alternative: str, keep_alternative: bool) -> None:
+        """Settle a pick between the stored last answer and an alternative.
+
+        The chosen answer is the one the chat keeps; with the persona's consent the pair is
+        kept as its behaviour (chosen over rejected).
+        """
+        alternative = (alternative or "").strip()
+        stored = self.turns(user, conversation_id)
+        if not alternative or len(stored) < 2 or stored[-1].role != "assistant":
+            raise UserError("There is nothing to pick between: ask for two answers first.")
+        question, current = stored[-2], stored[-1]
+        chosen, rejected = (alternative, current.content) if keep_alternative else (current.content, alternative)
+        user_id = self._accounts.user_id(user)
+        with self._db.session() as s, user_errors():
+            learning = self._learning_context(s, user_id, current.id)
+            if keep_alternative:
+                storage.delete_message(session=s, user_id=user_id, message_id=current.id)
+                storage.add_message(session=s, user_id=user_id, conversation_id=conversation_id, role="assistant",
+                                    content=alternative, persona_version_id=current.persona_version_id,
+                                    mode=current.mode, prompt=current.prompt)
+            if learning is not None:
+                storage.add_preference_event(session=s, user_id=user_id, persona_id=learning[0], kind="pick",
+                                             prompt=question.content, chosen=chosen, rejected=rejected)
+
+    def _learning_context(self, s, user_id: int, message_id: int) -> tuple[int, str, str] | None:
+        """(persona id, question, answer) when a reply may be learned from: it is an answer in a
+        chat with a persona whose owner consented; else None."""
+        message = storage.get_message(session=s, user_id=user_id, message_id=message_id)
+        if message is None or message.role != "assistant":
+            return None
+        conversation = storage.get_conversation(session=s, user_id=user_id, conversation_id=message.conversation_id)
+        persona = None if conversation.persona_id is None else storage.get_persona(
+            session=s, user_id=user_id, persona_id=conversation.persona_id)
+        if persona is None or not persona.learn_from_chat:
+            return None
+        earlier = [m for m in storage.list_messages(session=s, user_id=user_id, conversation_id=conversation.id)
+                   if m.id < message.id and m.role == "user"]
+        return (persona.id, earlier[-1].content, message.content) if earlier else None
 
     def _reply(self, user: str | None, conversation_id: int, persona_id: int | None, mode: Mode,
                generation: GenerationConfig) -> Iterator[ReplyUpdate]:
@@ -194,8 +260,11 @@ class ChatService:
         messages, version_id = self._messages(user, history[:-1], history[-1]["content"], persona_id, mode,
                                               generation.max_new_tokens)
         prompt = self._engine.render(messages)
+        # The guidance baseline: the same (trimmed) chat with no persona framing or system prompt.
+        plain = None if mode is Mode.NONE else [
+            *[m for m in messages[:-1] if m["role"] != "system"], {"role": "user", "content": history[-1]["content"]}]
         stop = self._stop_event(user)
-        tokens = self._engine.stream(messages, generation, stop_event=stop)
+        tokens = self._engine.stream(messages, generation, stop_event=stop, unconditioned=plain)
         return self._stream(user, conversation_id, tokens, prompt, version_id, mode, stop)
 
     def _reply_from_memory(self, user, conversation_id, persona_id, mode, generation, policy,

@@ -11,7 +11,8 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +58,12 @@ class Engine:
     def busy(self) -> bool:
         """True while a reply is being generated."""
         return self._lock.locked()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[LoadedModel]:
+        """Hold the model for work other than a reply (scoring, labelling); replies wait meanwhile."""
+        with self._lock:
+            yield self.loaded
 
     def info(self) -> dict[str, Any]:
         """Model facts for display: name, device, dtype, quantization, parameters, load_seconds."""
@@ -104,6 +111,7 @@ class Engine:
         config: GenerationConfig,
         *,
         stop_event: threading.Event | None = None,
+        unconditioned: list[dict[str, Any]] | None = None,
     ) -> Generator[str, None, StreamStats | None]:
         """Yield the reply's CUMULATIVE text as it grows; return its ``StreamStats``.
 
@@ -112,9 +120,12 @@ class Engine:
         Setting ``stop_event`` ends generation before the next token (also while still
         waiting for the lock, in which case nothing is yielded and None is returned).
         Raises ValueError if the prompt leaves no room in the model's context.
+        With ``config.persona_strength > 0``, ``unconditioned`` (the same conversation without
+        the persona) is the guidance baseline: both prompts decode as two rows of one batch.
         """
         ids = self.encode(messages)
-        room = self.max_context() - len(ids)
+        plain = self.encode(unconditioned) if unconditioned is not None and config.persona_strength > 0 else None
+        room = self.max_context() - max(len(ids), len(plain or []))
         if room < 1:
             raise ValueError(
                 f"The conversation is too long for the model: {len(ids)} tokens, "
@@ -122,7 +133,7 @@ class Engine:
             )
         if config.max_new_tokens > room:
             config = dataclasses.replace(config, max_new_tokens=room)
-        return self._stream(ids, config, stop_event)
+        return self._stream(ids, config, stop_event, unconditioned_ids=plain)
 
     def stream_turn(
         self,
@@ -156,16 +167,16 @@ class Engine:
 
         Holds the lock throughout, as it runs the model; exhaust or ``close()`` the iterator.
         """
-        with self._lock:
-            return (yield from replay(self.loaded, policy, turns))
+        with self.exclusive() as loaded:
+            return (yield from replay(loaded, policy, turns))
 
     def empty_memory(self, policy: MemoryPolicy | str) -> ConversationMemory:
         return ConversationMemory.empty(policy, self.loaded)
 
     def load_memory(self, path: Any, policy: MemoryPolicy | str) -> ConversationMemory:
         """A saved memory for this engine's model; ``MemoryFileError`` when it does not fit."""
-        with self._lock:  # moving tensors onto the device while a reply runs would contend
-            return ConversationMemory.load(path, self.loaded, policy)
+        with self.exclusive() as loaded:  # moving tensors onto the device while a reply runs would contend
+            return ConversationMemory.load(path, loaded, policy)
 
     def dense_meter(self, tokens: int) -> MemoryMeter:
         return dense_meter(self.loaded, tokens)
@@ -178,6 +189,7 @@ class Engine:
         *,
         memory: ConversationMemory | None = None,
         messages: list[Message] | None = None,
+        unconditioned_ids: list[int] | None = None,
     ) -> Generator[str, None, StreamStats | None]:
         should_stop = stop_event.is_set if stop_event is not None else None
         # Poll so that a request cancelled while queued does not wait for its turn.
@@ -203,6 +215,8 @@ class Engine:
                 stop_token_ids=loaded.stop_token_ids,
                 cache=cache,
                 should_stop=should_stop,
+                unconditioned_ids=None if unconditioned_ids is None else torch.tensor([unconditioned_ids],
+                                                                                      device=loaded.device),
             ):
                 new_tokens += 1
                 if new_tokens == 1:

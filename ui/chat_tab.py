@@ -1,5 +1,6 @@
-"""The Chat tab: conversation list, streaming chat, mode and persona pickers, prompt
-inspector, feedback, stop and regenerate. Wiring only: every handler calls the chat service.
+"""The Chat tab: conversation list, streaming chat, mode, memory and persona pickers, the
+memory meter, prompt inspector, feedback, two answers to pick from, stop and regenerate.
+Wiring only: every handler calls the chat service.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import gradio as gr
 
 from personalign.chat import ChatTurn, ReplyUpdate
 from personalign.generation import GenerationConfig
+from personalign.memory import MemoryMeter, MemoryPolicy
 from personalign.prompts import Mode
 from personalign.services import Services
 from ui.errors import shows_errors, user_of
@@ -19,9 +21,30 @@ def chat_messages(turns: list[ChatTurn]) -> list[dict]:
     return [{"role": t.role, "content": t.content} for t in turns]
 
 
-def generation_config(temperature, max_new_tokens, seed) -> GenerationConfig:
+def generation_config(temperature, max_new_tokens, seed, strength=0.0) -> GenerationConfig:
     seed = None if seed in (None, "") or int(seed) < 0 else int(seed)
-    return GenerationConfig(max_new_tokens=int(max_new_tokens), temperature=float(temperature), seed=seed)
+    return GenerationConfig(max_new_tokens=int(max_new_tokens), temperature=float(temperature), seed=seed,
+                            persona_strength=float(strength or 0))
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def meter_text(meter: MemoryMeter | None) -> str:
+    """The memory meter line: what the model holds of this chat, against what dense would hold."""
+    if meter is None:
+        return ""
+    line = f"**Memory ({meter.policy})**: {meter.cached_tokens:,} tokens cached · {_size(meter.kv_bytes)} of KV"
+    if meter.policy != MemoryPolicy.DENSE.value:
+        line += f" · dense would hold {meter.dense_tokens:,} tokens · {_size(meter.dense_kv_bytes)}"
+        if meter.reduction:
+            line += f" ({meter.reduction:,.1f}× more)"
+    return line
 
 
 class ChatTab:
@@ -44,6 +67,11 @@ class ChatTab:
                     self.persona = gr.Dropdown(label="Persona", choices=[], value=None, scale=2)
                     self.mode = gr.Radio(label="Alignment", choices=[(m.label, m.value) for m in Mode],
                                          value=Mode.NONE.value, scale=3)
+                with gr.Row():
+                    self.memory = gr.Dropdown(label="Memory", choices=[(p.label, p.value) for p in MemoryPolicy],
+                                              value=MemoryPolicy.DENSE.value, scale=2, elem_id="memory-policy")
+                    self.strength = gr.Slider(0, 5, value=0, step=0.5, scale=3, elem_id="persona-strength",
+                                              label="Persona strength γ (0 = plain decoding; needs dense memory)")
                 self.chatbot = gr.Chatbot(label="Chat", height=460, elem_id="chatbot")
                 with gr.Row():
                     self.text = gr.Textbox(placeholder="Message", show_label=False, scale=5, elem_id="message",
@@ -52,7 +80,17 @@ class ChatTab:
                 with gr.Row():
                     self.stop = gr.Button("Stop", elem_id="stop")
                     self.regenerate = gr.Button("Regenerate")
+                    self.two = gr.Button("Two answers: pick the better", elem_id="two-answers")
                 self.status = gr.Markdown(elem_id="chat-status")
+                self.meter = gr.Markdown(elem_id="memory-meter")
+                with gr.Group(visible=False) as self.picker:
+                    with gr.Row():
+                        self.answer_a = gr.Textbox(label="Answer A (in the chat now)", interactive=False, lines=4)
+                        self.answer_b = gr.Textbox(label="Answer B (new)", interactive=False, lines=4,
+                                                   elem_id="answer-b")
+                    with gr.Row():
+                        self.pick_a = gr.Button("A is better", elem_id="pick-a")
+                        self.pick_b = gr.Button("B is better", elem_id="pick-b")
                 with gr.Accordion("Prompt inspector: exactly what the model received", open=False):
                     self.prompt = gr.Code(label="Prompt", language=None, interactive=False, wrap_lines=True)
                 with gr.Accordion("Generation settings", open=False):
@@ -70,7 +108,8 @@ class ChatTab:
         """Outputs that show one conversation (or an empty new chat when None)."""
         choices = self._conversation_choices(user)
         if conversation_id is None:
-            return [None, [], gr.update(choices=choices, value=None), [], "", gr.update(), gr.update(), "", status]
+            return [None, [], gr.update(choices=choices, value=None), [], "", gr.update(), gr.update(), "", status,
+                    gr.update(), ""]
         conv = self.s.chat.conversation(user, conversation_id)
         turns = self.s.chat.turns(user, conversation_id)
         prompts = [t.prompt for t in turns if t.prompt]
@@ -78,11 +117,11 @@ class ChatTab:
         return [conv.id, [t.id for t in turns], gr.update(choices=choices, value=conv.id),
                 gr.update(value=chat_messages(turns), feedback_value=feedback), conv.title,
                 gr.update(value=conv.persona_id) if conv.persona_id is not None else gr.update(),
-                conv.mode, prompts[-1] if prompts else "", status]
+                conv.mode, prompts[-1] if prompts else "", status, conv.memory, ""]
 
     def open_outputs(self) -> list:
         return [self.conversation, self.message_ids, self.conversations, self.chatbot, self.title,
-                self.persona, self.mode, self.prompt, self.status]
+                self.persona, self.mode, self.prompt, self.status, self.memory, self.meter]
 
     def persona_choices(self, request: gr.Request):
         personas = self.s.personas.list(user_of(request))
@@ -101,12 +140,19 @@ class ChatTab:
         self.conversations.input(shows_errors(self._select), [self.conversations], opened)
         self.rename.click(shows_errors(self._rename), [self.conversation, self.title], opened)
         self.delete.click(shows_errors(self._delete), [self.conversation], opened)
-        settings = [self.persona, self.mode, self.temperature, self.max_new_tokens, self.seed]
-        streamed = [self.chatbot, self.conversation, self.message_ids, self.prompt, self.status, self.text]
+        settings = [self.persona, self.mode, self.temperature, self.max_new_tokens, self.seed, self.strength]
+        streamed = [self.chatbot, self.conversation, self.message_ids, self.prompt, self.status, self.text,
+                    self.meter]
         for trigger in (self.send.click, self.text.submit):
-            trigger(shows_errors(self._send), [self.conversation, self.chatbot, self.text, *settings], streamed) \
+            trigger(shows_errors(self._send), [self.conversation, self.chatbot, self.text, self.memory, *settings],
+                    streamed) \
                 .then(shows_errors(self._refresh_list), [self.conversation], [self.conversations])
         self.regenerate.click(shows_errors(self._regenerate), [self.conversation, self.chatbot, *settings], streamed)
+        self.two.click(shows_errors(self._two_answers), [self.conversation, self.chatbot, *settings],
+                       [self.picker, self.answer_a, self.answer_b, self.status])
+        for button, keep_b in ((self.pick_a, False), (self.pick_b, True)):
+            button.click(shows_errors(self._pick_handler(keep_b)), [self.conversation, self.answer_b],
+                         [*opened, self.picker])
         self.stop.click(shows_errors(self._stop), None, None, queue=False)
         self.chatbot.like(shows_errors(self._feedback), [self.message_ids], None)
 
@@ -136,19 +182,21 @@ class ChatTab:
     def _refresh_list(self, request: gr.Request, conversation_id):
         return gr.update(choices=self._conversation_choices(user_of(request)), value=conversation_id)
 
-    def _send(self, request: gr.Request, conversation_id, shown, text, persona_id, mode, temperature, max_new, seed):
+    def _send(self, request: gr.Request, conversation_id, shown, text, memory, persona_id, mode, temperature,
+              max_new, seed, strength):
         user = user_of(request)
-        updates = self.s.chat.send(user, conversation_id, text, persona_id=persona_id, mode=mode,
-                                   generation=generation_config(temperature, max_new, seed))
+        updates = self.s.chat.send(user, conversation_id, text, persona_id=persona_id, mode=mode, memory=memory,
+                                   generation=generation_config(temperature, max_new, seed, strength))
         base = [*shown, {"role": "user", "content": text.strip()}]
         yield from self._stream(user, base, updates)
 
-    def _regenerate(self, request: gr.Request, conversation_id, shown, persona_id, mode, temperature, max_new, seed):
+    def _regenerate(self, request: gr.Request, conversation_id, shown, persona_id, mode, temperature, max_new, seed,
+                    strength):
         if conversation_id is None:
             raise gr.Error("Send a message first.")
         user = user_of(request)
         updates = self.s.chat.regenerate(user, conversation_id, persona_id=persona_id, mode=mode,
-                                         generation=generation_config(temperature, max_new, seed))
+                                         generation=generation_config(temperature, max_new, seed, strength))
         base = shown[:-1] if shown and shown[-1]["role"] == "assistant" else shown
         yield from self._stream(user, base, updates)
 
@@ -158,11 +206,34 @@ class ChatTab:
             if update.done:
                 break
             yield [[*base, {"role": "assistant", "content": update.text or "…"}], update.conversation_id,
-                   gr.update(), update.prompt, "_generating…_", ""]
+                   gr.update(), update.prompt, f"_{update.status or 'generating…'}_", "", gr.update()]
         turns = self.s.chat.turns(user, update.conversation_id)
         speed = f" · {update.tokens_per_second:.1f} tokens/s" if update.tokens_per_second else ""
         note = "Stopped; the partial reply was kept." if update.stopped else f"Done{speed}."
-        yield [chat_messages(turns), update.conversation_id, [t.id for t in turns], update.prompt, note, ""]
+        yield [chat_messages(turns), update.conversation_id, [t.id for t in turns], update.prompt, note, "",
+               meter_text(update.meter)]
+
+    def _two_answers(self, request: gr.Request, conversation_id, shown, persona_id, mode, temperature, max_new, seed,
+                     strength):
+        if conversation_id is None or not shown or shown[-1]["role"] != "assistant":
+            raise gr.Error("Send a message first; then ask for a second answer to compare.")
+        current = shown[-1]["content"]
+        # Sampled with a fresh seed, so the second answer differs even when the first was greedy or seeded.
+        config = generation_config(max(float(temperature), 0.7), max_new, -1, strength)
+        text = ""
+        for text in self.s.chat.alternative(user_of(request), conversation_id, persona_id=persona_id, mode=mode,
+                                            generation=config):
+            yield gr.update(visible=True), current, text, "_writing a second answer…_"
+        yield gr.update(visible=True), current, text, "Which answer is better? Your pick stays in the chat."
+
+    def _pick_handler(self, keep_b: bool):
+        def pick(request: gr.Request, conversation_id, alternative):
+            user = user_of(request)
+            self.s.chat.pick(user, conversation_id, alternative=alternative, keep_alternative=keep_b)
+            return [*self._open(user, conversation_id, f"Kept answer {'B' if keep_b else 'A'}."),
+                    gr.update(visible=False)]
+
+        return pick
 
     def _feedback(self, request: gr.Request, message_ids, data: gr.LikeData):
         index = data.index if isinstance(data.index, int) else data.index[0]
