@@ -15,6 +15,8 @@ from personalign.chat import ChatService
 from personalign.engine import Engine
 from personalign.memory_store import MemoryStore
 from personalign.personas import PersonaService
+from personalign.profiling import ProfileService
+from personalign.studio import StudioService
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,8 @@ class Services:
     personas: PersonaService
     chat: ChatService
     model_info: dict[str, Any]
+    studio: StudioService
+    profiles: ProfileService
 
 
 def build_services(db: storage.Database, engine: Engine) -> Services:
@@ -31,4 +35,6 @@ def build_services(db: storage.Database, engine: Engine) -> Services:
     personas = PersonaService(db, accounts)
     # Saved conversation memories sit beside the database, in the same data folder.
     memories = MemoryStore(db, engine, db.path.parent / "memory")
-    return Services(accounts, personas, ChatService(db, engine, accounts, personas, memories), engine.info())
+    return Services(accounts, personas, ChatService(db, engine, accounts, personas, memories), engine.info(),
+                    studio=StudioService(db, accounts, personas, engine),
+                    profiles=ProfileService(db, accounts, personas, engine))

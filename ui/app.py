@@ -1,4 +1,4 @@
-"""The whole Gradio app: a Persona tab and a Chat tab over one set of services.
+"""The whole Gradio app: Chat, Persona and Studio tabs over one set of services.
 
 Wiring only: it lays out the tabs and fills them on page load; it knows no model or SQL.
 """
@@ -10,6 +10,7 @@ import gradio as gr
 from personalign.services import Services
 from ui.chat_tab import ChatTab
 from ui.persona_tab import PersonaTab
+from ui.studio_tab import StudioTab
 
 TITLE = "Personalign"
 
@@ -29,9 +30,13 @@ def build_app(services: Services) -> gr.Blocks:
                 chat = ChatTab(services)
             with gr.Tab("Persona", id="persona"):
                 persona = PersonaTab(services)
+            with gr.Tab("Studio", id="studio") as studio_tab_button:
+                studio = StudioTab(services)
         chat_tab_button.select(chat.persona_choices, None, [chat.persona])
+        studio_tab_button.select(studio.persona_choices, studio.persona_dropdowns(), studio.persona_dropdowns())
         demo.load(persona.on_load, None, persona.outputs())
         demo.load(chat.on_load, None, [chat.persona, *chat.open_outputs()])
+        demo.load(studio.on_load, None, studio.load_outputs())
     return demo
 
 

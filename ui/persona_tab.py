@@ -1,5 +1,6 @@
 """The Persona tab: sliders over the 90 dimensions, demographics, UGC and pairwise editors,
-versions, presets, import and export. Wiring only: every handler calls the persona service.
+versions, presets, import and export, and slider changes inferred from behaviour.
+Wiring only: every handler calls the persona or profile service.
 """
 
 from __future__ import annotations
@@ -14,11 +15,18 @@ from personalign.personas import PersonaState
 from personalign.preference_space import DIMENSIONS, GROUPS, NEUTRAL
 from personalign.presets import PRESETS
 from personalign.profile import render_profile
+from personalign.profiling import Proposal
 from personalign.services import Services
 from ui.errors import shows_errors, user_of
 
 UGC_HEADERS = ["post", "comment"]
 PAIRWISE_HEADERS = ["post", "chosen", "rejected"]
+PROPOSAL_HEADERS = ["dimension", "current → proposed", "strength", "supporting items"]
+INFER_METHODS = [("Embedding similarity (fast)", "embedding"), ("The chat model labels each item (slower)", "model")]
+INFER_HELP = ("Reads this persona's saved posts (UGC) and pairwise choices, and your ratings in chat if learning "
+              "is on, and proposes slider changes. Nothing changes until you accept some.")
+LEARN_INFO = ("When on, each thumbs-up, thumbs-down or pick of the better answer in a chat with this persona is kept "
+              "with it (your question and the rated answers) as behaviour to infer from; when off, nothing new is kept.")
 
 
 def _rows(table, width: int) -> list[list[str]]:
@@ -46,6 +54,40 @@ def editor_values(persona: Persona) -> list:
         [[i.post, i.chosen, i.rejected] for i in persona.pairwise] or [["", "", ""]],
         *persona.direction,
     ]
+
+
+def proposal_rows(proposal: Proposal | None) -> list[list[str]]:
+    """The proposals table: one row per proposed change, strongest first."""
+    if proposal is None:
+        return []
+    return [
+        [
+            c.dimension.title,
+            f"{c.current:.2f} → {c.proposed:.0f} ({c.pole})",
+            f"{c.strength:.2f}",
+            "; ".join(f"{s.item.summary(48)} ({s.contribution:+.2f})" for s in c.support),
+        ]
+        for c in proposal.changes
+    ]
+
+
+def proposal_choices(proposal: Proposal | None) -> list[tuple[str, int]]:
+    """Checkbox choices for the proposed changes: the pole to move to, by dimension index."""
+    if proposal is None:
+        return []
+    return [(f"{c.pole} ({c.current:.2f} → {c.proposed:.0f})", c.index) for c in proposal.changes]
+
+
+def proposal_status(proposal: Proposal) -> str:
+    items = f"{proposal.item_count} item{'s' if proposal.item_count != 1 else ''}"
+    if proposal.chat_items:
+        items += f", {proposal.chat_items} from chat ratings"
+    base = f"saved version {proposal.base_version_number}"
+    if not proposal.changes:
+        return f"The behaviour ({items}) agrees with the sliders of {base}; nothing to propose."
+    n = len(proposal.changes)
+    return (f"{n} proposed change{'s' if n != 1 else ''} from {items}, compared with {base}. "
+            "Tick the ones to keep and press **Accept selected**.")
 
 
 def profile_markdown(values) -> str:
@@ -83,6 +125,22 @@ class PersonaTab:
         self.pairwise = gr.Dataframe(headers=PAIRWISE_HEADERS, value=[["", "", ""]],
                                      label="Pairwise choices", col_count=(3, "fixed"), row_count=(1, "dynamic"),
                                      type="array", wrap=True)
+        with gr.Accordion("Infer from behaviour", open=False, elem_id="infer-section"):
+            gr.Markdown(INFER_HELP)
+            self.learn = gr.Checkbox(label="Learn from my ratings in chat", value=False, info=LEARN_INFO,
+                                     elem_id="learn-from-chat")
+            with gr.Row():
+                self.method = gr.Radio(INFER_METHODS, value="embedding", label="Method", scale=3)
+                self.infer = gr.Button("Infer from behaviour", scale=1, elem_id="infer-profile")
+            self.proposals = gr.Dataframe(headers=PROPOSAL_HEADERS, value=[], label="Proposed changes",
+                                          interactive=False, wrap=True, column_widths=["24%", "22%", "8%", "46%"],
+                                          elem_id="proposals")
+            self.accept_choice = gr.CheckboxGroup(choices=[], value=[], label="Changes to accept",
+                                                  elem_id="proposal-choices")
+            with gr.Row():
+                self.accept = gr.Button("Accept selected", variant="primary", elem_id="accept-proposals")
+                self.reject = gr.Button("Reject all", elem_id="reject-proposals")
+        self.proposal = gr.State(None)  # the shown Proposal: plain numbers and texts, no tensors
         with gr.Row():
             self.note = gr.Textbox(label="Version note", placeholder="what changed", scale=3)
             self.save = gr.Button("Save persona", variant="primary", scale=1, elem_id="save-persona")
@@ -99,21 +157,25 @@ class PersonaTab:
     # Loading ------------------------------------------------------------------------------
 
     def _show(self, user: str | None, state: PersonaState | None, status: str = "") -> list:
-        """Every output of a persona change: picker, name, versions, editor fields, profile, status."""
+        """Every output of a persona change: picker, name, versions, editor fields, profile, status,
+        the learning consent, and cleared proposals (they were for the persona as it was)."""
         personas = self.s.personas.list(user)
         choices = [(f"{p.name} (v{p.version_number})", p.id) for p in personas]
+        cleared = [None, [], gr.update(choices=[], value=[])]
         if state is None:
             blank = Persona()
             return [gr.update(choices=choices, value=None), "", gr.update(choices=[], value=None),
-                    *editor_values(blank), profile_markdown(blank.direction), status]
+                    *editor_values(blank), profile_markdown(blank.direction), status, False, *cleared]
         versions = [(f"v{v.number} · {v.created_at:%Y-%m-%d %H:%M} · {v.note or '—'}", v.id)
                     for v in self.s.personas.versions(user, state.id)]
         return [gr.update(choices=choices, value=state.id), state.name,
                 gr.update(choices=versions, value=state.version_id), *editor_values(state.persona),
-                profile_markdown(state.persona.direction), status]
+                profile_markdown(state.persona.direction), status, self.s.profiles.learning(user, state.id),
+                *cleared]
 
     def outputs(self) -> list:
-        return [self.picker, self.name, self.versions, *self.fields, self.profile, self.status]
+        return [self.picker, self.name, self.versions, *self.fields, self.profile, self.status,
+                self.learn, self.proposal, self.proposals, self.accept_choice]
 
     def on_load(self, request: gr.Request) -> list:
         user = user_of(request)
@@ -134,6 +196,11 @@ class PersonaTab:
         self.export.click(shows_errors(self._export), [self.picker], [self.export])
         self.apply_preset.click(shows_errors(self._preset), [self.preset], [*self.fields, self.profile])
         self.filter.change(self._filter, [self.filter], [*self.sliders, *self.groups])
+        proposal_outs = [self.proposal, self.proposals, self.accept_choice, self.status]
+        self.infer.click(shows_errors(self._infer), [self.picker, self.method], proposal_outs)
+        self.accept.click(shows_errors(self._accept), [self.picker, self.proposal, self.accept_choice], outs)
+        self.reject.click(self._reject, None, proposal_outs)
+        self.learn.input(shows_errors(self._learn), [self.picker, self.learn], [self.learn, self.status])
         for slider in self.sliders:
             slider.release(profile_markdown, self.sliders, [self.profile])
 
@@ -193,6 +260,38 @@ class PersonaTab:
             raise gr.Error("Pick a preset first.")
         persona = PRESETS[name]
         return [*editor_values(persona), profile_markdown(persona.direction)]
+
+    # Gradio injects a tracker through the gr.Progress() default (its documented idiom).
+    def _infer(self, request: gr.Request, persona_id, method, progress=gr.Progress()):  # noqa: B008
+        if persona_id is None:
+            raise gr.Error("Pick or save a persona first: inference reads its saved version.")
+        user = user_of(request)
+
+        def report(done: int, total: int) -> None:
+            progress((done, total), desc="Reading behaviour", unit="items")
+
+        proposal = self.s.profiles.propose(user, int(persona_id), method or "embedding", progress=report)
+        return [proposal, proposal_rows(proposal), gr.update(choices=proposal_choices(proposal), value=[]),
+                proposal_status(proposal)]
+
+    def _accept(self, request: gr.Request, persona_id, proposal, selected):
+        if persona_id is None or proposal is None:
+            raise gr.Error("Infer changes for a persona first.")
+        user = user_of(request)
+        chosen = [int(i) for i in selected or []]
+        state = self.s.profiles.accept(user, int(persona_id), proposal.base_version_id, chosen, proposal)
+        n = len(chosen)
+        return self._show(user, state, f"Accepted {n} change{'s' if n != 1 else ''} as version {state.version_number}.")
+
+    def _reject(self):
+        return [None, [], gr.update(choices=[], value=[]), "Proposals dismissed; nothing was changed."]
+
+    def _learn(self, request: gr.Request, persona_id, enabled):
+        if persona_id is None:
+            return [False, "Save the persona first; learning from chat ratings is set per persona."]
+        on = self.s.profiles.set_learning(user_of(request), int(persona_id), bool(enabled))
+        return [on, "Learning from your chat ratings is **on** for this persona." if on
+                else "Learning from chat ratings is **off**: no new ratings are kept for this persona."]
 
     def _filter(self, query):
         hits = [d.matches(query or "") for d in DIMENSIONS]
