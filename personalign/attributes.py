@@ -172,16 +172,6 @@ def sentiment(text: str) -> float:
     return (positive - negative) / total if total else 0.0
 
 
-def pole_axes(embedder: Any) -> np.ndarray:
-    """Unit vectors from each dimension's negative pole embedding to its positive one: (90, D)."""
-    from personalign.embeddings import pole_vectors  # cached per embedding model there
-
-    poles = np.asarray(pole_vectors(embedder), dtype=np.float64)  # (90, 2, D): positive, negative
-    axes = poles[:, 0, :] - poles[:, 1, :]  # (90, D)
-    norms = np.linalg.norm(axes, axis=1, keepdims=True)  # (90, 1)
-    return axes / np.where(norms > 0, norms, 1.0)  # (90, D); a zero axis stays zero
-
-
 def embedding_projection(text: str, dimension_index: int, embedder: Any) -> float:
     """How far the answer leans to one dimension's positive pole, by sentence embedding.
 
@@ -190,6 +180,8 @@ def embedding_projection(text: str, dimension_index: int, embedder: Any) -> floa
     positive when the answer reads closer to the positive pole's description. Only
     differences between answers mean something; the level depends on the embedder.
     """
+    from personalign.embeddings import pole_axes  # cached per embedding model there
+
     axes = pole_axes(embedder)
     if not 0 <= dimension_index < axes.shape[0]:
         raise ValueError(f"dimension index must be in [0, {axes.shape[0] - 1}]; got {dimension_index}")

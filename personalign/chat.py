@@ -138,7 +138,7 @@ class ChatService:
 
         ``memory`` switches the conversation's memory policy from this turn on (None keeps it).
         """
-        text = _check_message(text)
+        text = check_message(text)
         mode = Mode(mode)
         policy = None if memory is None else _policy(memory)
         if conversation_id is None:
@@ -407,12 +407,13 @@ class ChatService:
             history = history[2:]
 
 
-def _check_message(text: str) -> str:
+def check_message(text: str, what: str = "message") -> str:
+    """The message stripped; a UserError when it is empty or longer than the limit."""
     text = (text or "").strip()
     if not text:
-        raise UserError("Type a message first.")
+        raise UserError(f"Type a {what} first.")
     if len(text) > MAX_MESSAGE_CHARS:
-        raise UserError(f"That message is {len(text):,} characters; the limit is {MAX_MESSAGE_CHARS:,}.")
+        raise UserError(f"That {what} is {len(text):,} characters; the limit is {MAX_MESSAGE_CHARS:,}.")
     return text
 
 

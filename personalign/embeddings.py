@@ -165,3 +165,11 @@ def pole_vectors(embedder: Embedder) -> np.ndarray:
             cached.setflags(write=False)
             _pole_cache[embedder.name] = cached
     return cached
+
+
+def pole_axes(embedder: Embedder) -> np.ndarray:
+    """Unit vectors from each dimension's negative pole embedding to its positive one: (90, D)."""
+    poles = np.asarray(pole_vectors(embedder), dtype=np.float64)  # (90, 2, D): positive, negative
+    axes = poles[:, 0, :] - poles[:, 1, :]  # (90, D)
+    norms = np.linalg.norm(axes, axis=1, keepdims=True)  # (90, 1)
+    return axes / np.where(norms > 0, norms, 1.0)  # (90, D); a zero axis stays zero

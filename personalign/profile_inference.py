@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from personalign.embeddings import Embedder, pole_vectors
+from personalign.embeddings import Embedder, pole_axes, pole_vectors
 from personalign.persona import Persona
 from personalign.preference_space import DIMENSIONS, NEUTRAL, SIZE, Dimension
 from personalign.profile import NEGATIVE_AT, POSITIVE_AT, check_direction, threshold
@@ -214,12 +214,6 @@ class ProfileInferrer(ABC):
 
 # --- embedding inferrer -------------------------------------------------------------------
 
-def pole_axes(poles: np.ndarray) -> np.ndarray:
-    """Unit vectors from each negative pole to its positive pole: (90, 2, D) -> (90, D)."""
-    axes = poles[:, 0, :] - poles[:, 1, :]  # (90, D)
-    return axes / np.linalg.norm(axes, axis=1, keepdims=True)
-
-
 @dataclass(frozen=True)
 class EmbeddingInferrerConfig:
     """``scale``: the similarity margin at which an item's value reaches 0.5 + 0.5 * tanh(1) ~ 0.88.
@@ -293,7 +287,7 @@ class EmbeddingInferrer(ProfileInferrer):
                 vectors[n] -= embedded[item.rejected]
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)  # (N, 1)
         unit = np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 1e-6)
-        return unit @ pole_axes(poles).T  # (N, 384) @ (384, 90) -> (N, 90)
+        return unit @ pole_axes(self.embedder).T  # (N, 384) @ (384, 90) -> (N, 90)
 
     def label(self, items: Sequence[BehaviourItem], progress: Progress | None = None) -> list[tuple[float, ...]]:
         if progress is not None:

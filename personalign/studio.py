@@ -35,7 +35,7 @@ from typing import Any
 import storage
 from personalign.accounts import AccountService
 from personalign.attributes import ATTRIBUTES, embedding_projection, measure, spearman
-from personalign.chat import MAX_MESSAGE_CHARS
+from personalign.chat import check_message
 from personalign.engine import Engine
 from personalign.errors import NotFoundError, UserError, user_errors
 from personalign.generation import MAX_PERSONA_STRENGTH, GenerationConfig
@@ -483,15 +483,6 @@ def png_bytes(result: Result) -> bytes:
 # The service ---------------------------------------------------------------------------
 
 
-def _check_question(question: str) -> str:
-    question = (question or "").strip()
-    if not question:
-        raise StudioError("Type a question first.")
-    if len(question) > MAX_MESSAGE_CHARS:
-        raise StudioError(f"That question is {len(question):,} characters; the limit is {MAX_MESSAGE_CHARS:,}.")
-    return question
-
-
 def _run_config(generation: GenerationConfig) -> GenerationConfig:
     """The run's shared config: a concrete seed, so every answer shares it and it is on record,
     and no persona strength of its own (each setting or sweep value brings its γ)."""
@@ -526,7 +517,7 @@ class StudioService:
         A stop (`stop_event` or `stop(user)`) ends the run before the next answer; the
         answer in progress is dropped and the comparison holds the answers done so far.
         """
-        question = _check_question(question)
+        question = check_message(question, "question")
         if not MIN_SETTINGS <= len(settings) <= MAX_SETTINGS:
             raise StudioError(f"Compare {MIN_SETTINGS} to {MAX_SETTINGS} settings; got {len(settings)}.")
         settings = tuple(replace(s, label=s.label or f"Setting {n}") for n, s in enumerate(settings, 1))
@@ -565,7 +556,7 @@ class StudioService:
         Answer k of every value uses seed `generation.seed + k`, so values are compared on
         the same random draws. A stop ends the run between answers and keeps what is done.
         """
-        question = _check_question(question)
+        question = check_message(question, "question")
         mode = Mode(mode)
         variable, values = _check_variable(variable, values, mode)
         if not isinstance(samples, int) or isinstance(samples, bool) or not 1 <= samples <= MAX_SAMPLES:

@@ -9,13 +9,13 @@ from personalign.attributes import (
     formality,
     length,
     measure,
-    pole_axes,
     reading_grade,
     sentences,
     sentiment,
     spearman,
     syllables,
 )
+from personalign.embeddings import pole_axes
 
 CHATTY = "Hey!! I'm gonna grab you some cool stuff lol, you'll love it"
 PLAIN = "The meeting starts at noon in the main hall."

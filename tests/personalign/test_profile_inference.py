@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import storage
-from personalign.embeddings import default_embedder, pole_vectors
+from personalign.embeddings import default_embedder, pole_axes
 from personalign.engine import Engine
 from personalign.generation import GenerationConfig
 from personalign.models import LoadedModel
@@ -27,7 +27,6 @@ from personalign.profile_inference import (
     aggregate,
     items_from_events,
     items_from_persona,
-    pole_axes,
     propose_changes,
     unique_items,
 )
@@ -167,7 +166,7 @@ def embedding_inferrer() -> EmbeddingInferrer:
 
 
 def test_pole_axes_are_unit_vectors(embedding_inferrer):
-    axes = pole_axes(pole_vectors(embedding_inferrer.embedder))
+    axes = pole_axes(embedding_inferrer.embedder)
     assert axes.shape == (SIZE, 384)
     np.testing.assert_allclose(np.linalg.norm(axes, axis=1), 1.0, atol=1e-5)
 

@@ -92,7 +92,7 @@ def test_compare_rejects_bad_requests(services, persona_id):
     studio = services.studio
     with pytest.raises(StudioError):
         studio.compare(None, QUESTION, [Setting("only")], GREEDY)
-    with pytest.raises(StudioError):
+    with pytest.raises(UserError, match="question"):
         studio.compare(None, "   ", [Setting("a"), Setting("b")], GREEDY)
     with pytest.raises(UserError):
         Setting("x", None, "pba")
