@@ -73,17 +73,39 @@ def browser():
 
 
 def set_slider(page, index: int, value: float) -> None:
+    """Set a slider, again if the tab's on-load fill (still running after sign-in) overwrote it."""
     box = page.locator(f"#dim-{index} input[type=number]")
-    box.fill(str(value))
-    box.press("Enter")
+    for _ in range(20):
+        box.fill(str(value))
+        box.press("Enter")
+        time.sleep(1)
+        if float(box.input_value()) == value:
+            return
+    raise AssertionError(f"slider {index} would not keep {value}")
 
 
-def test_login_persona_chat_and_reload(server, browser):
+def signed_in(server, browser):
     page = browser.new_page()
     page.goto(server)
     page.get_by_label("username").fill(USER)
     page.get_by_label("password").fill(PASSWORD)
     page.get_by_role("button", name="Login").click()
+    page.locator("#chatbot").wait_for()
+    return page
+
+
+def wait_for_text(locator, text: str, seconds: float = 180) -> str:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        shown = locator.inner_text()
+        if text in shown:
+            return shown
+        time.sleep(0.2)
+    raise AssertionError(f"{text!r} never appeared; last seen: {locator.inner_text()[:300]!r}")
+
+
+def test_login_persona_chat_and_reload(server, browser):
+    page = signed_in(server, browser)
 
     page.get_by_role("tab", name="Persona").click()
     set_slider(page, 16, 1)  # concise: its group starts open
@@ -115,3 +137,23 @@ def test_login_persona_chat_and_reload(server, browser):
     page.locator("#conversations").get_by_text("What is the capital of France?").wait_for(timeout=30_000)
     page.locator("#chatbot .message.bot").last.wait_for(timeout=30_000)
     assert page.locator("#chatbot .message.bot").last.inner_text().strip() == final
+
+
+def test_streaming_memory_meter_and_studio_compare(server, browser):
+    page = signed_in(server, browser)
+    page.get_by_role("tab", name="Chat").click()
+    page.get_by_role("button", name="New chat").click()
+    page.locator("#memory-policy input").click()
+    page.get_by_role("option", name="StreamingDialogue: conversational sinks").click()
+    for question in ("My sister is called Clara.", "What is her name?"):
+        page.locator("#message textarea").fill(question)
+        page.locator("#send").click()
+        wait_for_text(page.locator("#chat-status"), "Done")
+    meter = wait_for_text(page.locator("#memory-meter"), "Memory (streaming-dialogue)")
+    assert "dense would hold" in meter
+    page.locator("#chatbot .message.bot").last.wait_for()
+
+    page.get_by_role("tab", name="Studio").click()
+    page.locator("#studio-question textarea").fill("How do I brew green tea?")
+    page.locator("#studio-compare").click()
+    assert "Seed" in wait_for_text(page.locator("#studio-figures"), "Seed", seconds=300)
