@@ -202,7 +202,8 @@ class PersonaTab:
         self.reject.click(self._reject, None, proposal_outs)
         self.learn.input(shows_errors(self._learn), [self.picker, self.learn], [self.learn, self.status])
         for slider in self.sliders:
-            slider.release(profile_markdown, self.sliders, [self.profile])
+            # Gradio passes one argument per slider; the preview reads them all as one direction.
+            slider.release(lambda *values: profile_markdown(values), self.sliders, [self.profile])
 
     def _pick(self, request: gr.Request, persona_id):
         user = user_of(request)
