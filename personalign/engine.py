@@ -20,7 +20,14 @@ import torch
 
 from personalign.errors import UserError
 from personalign.generation import GenerationConfig, TextAccumulator, generate_tokens
-from personalign.memory import ConversationMemory, MemoryMeter, MemoryPolicy, Message, dense_meter, replay
+from personalign.memory import (
+    ConversationMemory,
+    MemoryMeter,
+    MemoryPolicy,
+    Message,
+    dense_meter,
+    replay,
+)
 from personalign.models import LoadedModel
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,12 @@ from typing import Any
 
 import torch
 
-from personalign.generation import GenerationConfig, new_cache, prompt_tensor, token_loop
+from personalign.generation import (
+    GenerationConfig,
+    new_cache,
+    prompt_tensor,
+    token_loop,
+)
 
 COND, UNCOND = 0, 1  # batch rows
 # Padding token id: any valid id serves, since the mask hides padded keys and their

@@ -33,8 +33,8 @@ import torch
 
 from personalign.errors import UserError
 from personalign.generation import prefill
-from personalign.models import LoadedModel
 from personalign.memory_cache import MemoryCache, RopeShift, close_turn
+from personalign.models import LoadedModel
 from personalign.streaming_dialogue import StreamingDialogueCache
 from personalign.streaming_llm import StreamingLLMCache
 

@@ -22,7 +22,12 @@ from pathlib import Path
 
 import storage
 from personalign.engine import Engine
-from personalign.memory import ConversationMemory, MemoryFileError, MemoryPolicy, Message
+from personalign.memory import (
+    ConversationMemory,
+    MemoryFileError,
+    MemoryPolicy,
+    Message,
+)
 
 log = logging.getLogger(__name__)
 

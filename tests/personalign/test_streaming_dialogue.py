@@ -7,7 +7,12 @@ import copy
 import pytest
 import torch
 
-from personalign.generation import GenerationConfig, decode_one_token, generate_tokens, prefill
+from personalign.generation import (
+    GenerationConfig,
+    decode_one_token,
+    generate_tokens,
+    prefill,
+)
 from personalign.streaming_dialogue import (
     StreamingDialogueCache,
     additive_mask,

@@ -7,9 +7,18 @@ import copy
 import pytest
 import torch
 
-from personalign.generation import GenerationConfig, decode_one_token, generate_tokens, prefill
+from personalign.generation import (
+    GenerationConfig,
+    decode_one_token,
+    generate_tokens,
+    prefill,
+)
 from personalign.memory_cache import RopeShift, close_turn
-from personalign.streaming_llm import StreamingLLMCache, StreamingLLMConfig, sink_window_indices
+from personalign.streaming_llm import (
+    StreamingLLMCache,
+    StreamingLLMConfig,
+    sink_window_indices,
+)
 
 BOS, EOU = 1, 2  # as in tests/conftest.py (and SmolLM2)
 GREEDY = GenerationConfig(temperature=0, max_new_tokens=12)

@@ -17,8 +17,8 @@ def _chat(session: Session, user: UserPublic) -> tuple[storage.PersonaPublic, st
 
 
 def _snapshot(session: Session, user: UserPublic, conversation_id: int, message_id: int, **changes):
-    values = dict(path="a.pt", policy="streaming-dialogue", model="m", last_message_id=message_id,
-                  message_count=2, kv_bytes=100)
+    values = {"path": "a.pt", "policy": "streaming-dialogue", "model": "m", "last_message_id": message_id,
+              "message_count": 2, "kv_bytes": 100}
     values.update(changes)
     return storage.set_memory_snapshot(session=session, user_id=user.id, conversation_id=conversation_id, **values)
 
