@@ -17,10 +17,22 @@ from pathlib import Path
 import storage
 from personalign.engine import Engine
 from personalign.errors import UserError
+from personalign.evaluation import MODES, PROFILE_SOURCES
 from personalign.generation import GenerationConfig
-from personalign.evaluation import MODES
-from personalign.memory_training import METHODS, SYNTHETIC, MemoryTrainingConfig, load_dialogues, train_memory
-from personalign.models import DEVICE_CHOICES, QUANTIZE_CHOICES, ModelConfig, ModelLoadError, load_model
+from personalign.memory_training import (
+    METHODS,
+    SYNTHETIC,
+    MemoryTrainingConfig,
+    load_dialogues,
+    train_memory,
+)
+from personalign.models import (
+    DEVICE_CHOICES,
+    QUANTIZE_CHOICES,
+    ModelConfig,
+    ModelLoadError,
+    load_model,
+)
 from personalign.persona import Persona, loads
 from personalign.prompts import Mode, build_messages
 
@@ -133,7 +145,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         # One rewritten counter line on stderr, so stdout holds only the results.
         print(f"\r{done}/{total} records", end="\n" if done == total else "", file=sys.stderr, flush=True)
 
-    results = evaluate_modes(records, engine, modes, progress=progress)
+    if args.profile != "given" and {"pba", "contrast"} & set(modes):
+        log.info("PBA profiles inferred from each record's behaviour by the %s inferrer", args.profile)
+    results = evaluate_modes(records, engine, modes, progress=progress, profile_source=args.profile)
     if args.out:
         with args.out.open("w", encoding="utf-8") as out:
             for mode, result in results.items():
@@ -142,6 +156,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"{'mode':<10} {'n':>5} {'accuracy':>9}  95% Wilson CI")
     for mode, result in results.items():
         print(f"{mode:<10} {result.n:>5} {result.accuracy:>9.3f}  [{result.ci_low:.3f}, {result.ci_high:.3f}]")
+    inferred = [m for m, r in results.items() if r.profile_source not in (None, "given")]
+    if inferred:
+        # Said under the table, so two runs' tables can be told apart; a given-profile table is unchanged.
+        print(f"{' and '.join(inferred)}: profile inferred from behaviour by {args.profile}")
     return 0
 
 
@@ -192,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="scorer; all runs the four in one pass and prints a table")
     evaluate.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
     evaluate.add_argument("--out", type=Path, default=None, help="write per-record results here as JSON lines")
+    evaluate.add_argument("--profile", choices=PROFILE_SOURCES, default="given",
+                          help="PBA profile for pba and contrast: given = the record's own profile; embedding = "
+                               "inferred from the record's UGC and pairwise items by the embedding inferrer")
     evaluate.set_defaults(run=cmd_eval)
     train = sub.add_parser("train-memory",
                            help="train a StreamingDialogue SMR/LMR LoRA adapter so the EoU sinks hold the dialogue")

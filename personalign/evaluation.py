@@ -6,12 +6,25 @@ when chosen scores strictly higher (a tie counts as wrong):
 
 - ``raw``: log p(y | plain prompt, the post alone, Mode.NONE);
 - ``ica``: log p(y | ICA prompt from the record's UGC, pairwise feedback and demographics);
-- ``pba``: log p(y | PBA prompt with the record's ``profile`` string);
+- ``pba``: log p(y | PBA prompt with the record's profile);
 - ``contrast``: log p(y | PBA prompt) - log p(y | plain prompt), i.e. how much the PBA
   persona raises the reply's likelihood; PBA is the persona prompt used here.
 
-Accuracy comes with a 95% Wilson interval. This module knows records, prompts and
-scores; it knows nothing of files, the command line or how the model was loaded.
+Where the PBA profile comes from is the ``profile_source``:
+
+- ``given``: the record's ``profile`` string (else one rendered from its Preference
+  Direction, else none), i.e. the benchmark's own label of the person;
+- ``embedding``: PBA's bridge, a profile inferred from what the person did. The record's
+  UGC and pairwise items are labelled by the ``EmbeddingInferrer``, the item directions
+  averaged and thresholded, and the result rendered with ``render_profile``; the record's
+  ``profile`` and Preference Direction are not read. A record with no behaviour items gets
+  the empty-profile rule's result for no evidence: every mean is then 0.5, and the rule
+  leaves a direction with no signal empty rather than turning an arbitrary dimension into
+  a pole, so the profile is "" (as ``given`` does for a record with no profile at all).
+
+Accuracy comes with a 95% Wilson interval. This module knows records, prompts, scores and
+the inferrers' public API; it knows nothing of files, the command line or how the model
+was loaded.
 """
 
 from __future__ import annotations
@@ -33,12 +46,20 @@ from personalign.persona import (
     Persona,
     from_record,
 )
+from personalign.preference_space import NEUTRAL, neutral_direction
+from personalign.profile import render_profile, threshold
+from personalign.profile_inference import (
+    EmbeddingInferrer,
+    ProfileInferrer,
+    items_from_persona,
+)
 from personalign.prompts import Mode, build_messages
 from personalign.scoring import response_logprobs
 
 logger = logging.getLogger(__name__)
 
 MODES = ("raw", "ica", "pba", "contrast")
+PROFILE_SOURCES = ("given", "embedding")
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
 
 Progress = Callable[[int, int], None]
@@ -46,15 +67,25 @@ Progress = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class RecordResult:
-    """Scores for one record; ``index`` is its position in the records given."""
+    """Scores for one record; ``index`` is its position in the records given.
+
+    ``profile`` is the inferred profile the PBA prompt used, for ``pba`` and ``contrast``
+    under an inferred profile source; None otherwise (the given profile is in the data).
+    """
 
     index: int
     score_chosen: float
     score_rejected: float
     correct: bool
+    profile: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as a JSON-ready dict; ``profile`` only when one was inferred."""
+        row = asdict(self)
+        if self.profile is None:
+            # Keeps the per-record lines of a given-profile run exactly as they were.
+            del row["profile"]
+        return row
 
 
 @dataclass(frozen=True)
@@ -67,6 +98,7 @@ class EvalResult:
     ci_low: float
     ci_high: float
     seconds: float
+    profile_source: str | None = None  # where the PBA profile came from; None for raw and ica
 
     @property
     def n(self) -> int:
@@ -109,21 +141,56 @@ def _profile(record: Mapping[str, Any]) -> str:
     return ""
 
 
-def _messages(kind: str, record: Mapping[str, Any], post: str) -> list[dict[str, str]]:
+def _behaviour(record: Mapping[str, Any]) -> Persona:
+    """The record's person without its direction: UGC, pairwise feedback and demographics.
+
+    Absent keys read as empty. The direction keys are left out so that a profile string
+    the parser cannot read fails neither ICA nor inference, which never use it.
+    """
+    return from_record({k: record[k] for k in (UGC_KEY, PAIRWISE_KEY, DEMOGRAPHICS_KEY) if k in record})
+
+
+def inferred_direction(record: Mapping[str, Any], inferrer: ProfileInferrer) -> tuple[float, ...]:
+    """The thresholded direction ``inferrer`` reads off the record's UGC and pairwise items.
+
+    The record's own ``profile`` and Preference Direction are not read. With no items it is
+    the empty-profile rule's result for no evidence, all neutral (see the module docstring);
+    ``render_profile`` of either gives the PBA profile.
+    """
+    items = items_from_persona(_behaviour(record))
+    if not items:
+        return threshold(neutral_direction())
+    return inferrer.infer(items).direction
+
+
+def _messages(kind: str, record: Mapping[str, Any], post: str, profile: str | None) -> list[dict[str, str]]:
     if kind == "raw":
         return build_messages(Mode.NONE, None, [], post)
     if kind == "ica":
-        # Absent UGC / pairwise / demographics read as empty; the ICA layout then simply holds less.
-        # Only the behaviour keys: ICA does not use the direction, so a profile string the
-        # parser cannot read must not fail an ICA evaluation.
-        behaviour = {k: record[k] for k in (UGC_KEY, PAIRWISE_KEY, DEMOGRAPHICS_KEY) if k in record}
-        return build_messages(Mode.ICA, from_record(behaviour), [], post)
-    return build_messages(Mode.PBA, Persona(), [], post, profile=_profile(record))
+        return build_messages(Mode.ICA, _behaviour(record), [], post)
+    return build_messages(Mode.PBA, Persona(), [], post, profile=_profile(record) if profile is None else profile)
 
 
 def _base_kinds(mode: str) -> tuple[str, ...]:
     """The prompt kinds whose log-probabilities a mode needs."""
     return ("pba", "raw") if mode == "contrast" else (mode,)
+
+
+def _inferrer_for(profile_source: str, inferrer: ProfileInferrer | None) -> ProfileInferrer | None:
+    """The inferrer a profile source needs (None for ``given``), checked against one passed in."""
+    if profile_source not in PROFILE_SOURCES:
+        raise ValueError(f"unknown profile source {profile_source!r}; choose from {', '.join(PROFILE_SOURCES)}")
+    if profile_source == "given":
+        if inferrer is not None:
+            raise ValueError("an inferrer was given, but profile_source 'given' uses the records' own profiles")
+        return None
+    if inferrer is None:
+        from personalign.embeddings import default_embedder
+
+        return EmbeddingInferrer(default_embedder())
+    if inferrer.method != profile_source:
+        raise ValueError(f"profile_source {profile_source!r} needs an inferrer of that method; got {inferrer.method!r}")
+    return inferrer
 
 
 def evaluate_modes(
@@ -132,15 +199,25 @@ def evaluate_modes(
     modes: Sequence[str],
     *,
     progress: Progress | None = None,
+    profile_source: str = "given",
+    inferrer: ProfileInferrer | None = None,
 ) -> dict[str, EvalResult]:
     """Evaluate several modes in one pass; each prompt kind is scored once per record, so
-    ``contrast`` reuses the ``raw`` and ``pba`` scores when those modes are asked for too."""
+    ``contrast`` reuses the ``raw`` and ``pba`` scores when those modes are asked for too.
+
+    ``profile_source`` (one of ``PROFILE_SOURCES``) picks the PBA profile; for ``embedding``
+    the profile is inferred per record by ``inferrer`` (default: an ``EmbeddingInferrer`` on
+    the packaged embedding model), and its time counts in the pba and contrast seconds.
+    """
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise ValueError(f"unknown mode {unknown[0]!r}; choose from {', '.join(MODES)}")
     if not records:
         raise ValueError("no records to evaluate")
     kinds = list(dict.fromkeys(k for m in modes for k in _base_kinds(m)))
+    # Checked even when no mode needs a profile, so a bad source fails the same way for every mode.
+    chosen_inferrer = _inferrer_for(profile_source, inferrer)
+    inferred_labels: list[int] = []  # per record, the poles in its inferred profile
     per_mode: dict[str, list[RecordResult]] = {m: [] for m in modes}
     seconds = dict.fromkeys(modes, 0.0)
     total = len(records)
@@ -151,9 +228,17 @@ def evaluate_modes(
         post, chosen, rejected = (_text(record, k, index) for k in ("prompt", "chosen", "rejected"))
         scores: dict[str, tuple[float, float]] = {}
         kind_seconds: dict[str, float] = {}
+        profile: str | None = None
         for kind in kinds:
             start = time.perf_counter()
-            c, r = response_logprobs(engine, _messages(kind, record, post), [chosen, rejected])
+            if kind == "pba" and chosen_inferrer is not None:
+                try:
+                    direction = inferred_direction(record, chosen_inferrer)
+                except ValueError as err:  # an unreadable behaviour item: say which record
+                    raise ValueError(f"record {index}: {err}") from err
+                profile = render_profile(direction)
+                inferred_labels.append(sum(v != NEUTRAL for v in direction))
+            c, r = response_logprobs(engine, _messages(kind, record, post, profile), [chosen, rejected])
             scores[kind] = (c, r)
             kind_seconds[kind] = time.perf_counter() - start
         for mode in modes:
@@ -162,23 +247,44 @@ def evaluate_modes(
                 r = scores["pba"][1] - scores["raw"][1]
             else:
                 c, r = scores[mode]
-            per_mode[mode].append(RecordResult(index=index, score_chosen=c, score_rejected=r, correct=c > r))
+            shown = profile if mode in ("pba", "contrast") else None
+            per_mode[mode].append(
+                RecordResult(index=index, score_chosen=c, score_rejected=r, correct=c > r, profile=shown)
+            )
             seconds[mode] += sum(kind_seconds[k] for k in _base_kinds(mode))
         if progress is not None:
             progress(index + 1, total)
+    if inferred_labels:
+        logger.info(
+            "profiles inferred by %s: %.1f labels on average, %d of %d empty",
+            profile_source, sum(inferred_labels) / len(inferred_labels),
+            inferred_labels.count(0), len(inferred_labels),
+        )
     results = {}
     for mode, rows in per_mode.items():
         hits = sum(r.correct for r in rows)
         low, high = wilson_interval(hits, len(rows))
         results[mode] = EvalResult(
-            mode=mode, records=tuple(rows), accuracy=hits / len(rows), ci_low=low, ci_high=high, seconds=seconds[mode]
+            mode=mode, records=tuple(rows), accuracy=hits / len(rows), ci_low=low, ci_high=high, seconds=seconds[mode],
+            profile_source=profile_source if mode in ("pba", "contrast") else None,
         )
         logger.info("%s: accuracy %.3f [%.3f, %.3f] over %d records", mode, hits / len(rows), low, high, len(rows))
     return results
 
 
 def evaluate(
-    records: Sequence[Mapping[str, Any]], engine: Engine, mode: str, *, progress: Progress | None = None
+    records: Sequence[Mapping[str, Any]],
+    engine: Engine,
+    mode: str,
+    *,
+    progress: Progress | None = None,
+    profile_source: str = "given",
+    inferrer: ProfileInferrer | None = None,
 ) -> EvalResult:
-    """Accuracy of one mode (raw|ica|pba|contrast) over ``records``; ``progress(done, total)`` after each."""
-    return evaluate_modes(records, engine, [mode], progress=progress)[mode]
+    """Accuracy of one mode (raw|ica|pba|contrast) over ``records``; ``progress(done, total)`` after each.
+
+    ``profile_source`` and ``inferrer`` are as in ``evaluate_modes``.
+    """
+    return evaluate_modes(
+        records, engine, [mode], progress=progress, profile_source=profile_source, inferrer=inferrer
+    )[mode]
