@@ -57,6 +57,7 @@ from typing import Any
 import torch
 
 from personalign.generation import decode_one_token, new_cache, prefill
+from personalign.memory import kv_bytes_per_token
 from personalign.memory_cache import RopeShift
 from personalign.streaming_dialogue import StreamingDialogueCache
 from personalign.streaming_llm import StreamingLLMCache, StreamingLLMConfig
@@ -292,19 +293,6 @@ def _reply(model: Any, logits: torch.Tensor, cache: Any, tokens: int) -> list[in
         reply.append(int(token))
         logits = decode_one_token(model, token, cache)  # (1, V)
     return reply
-
-
-def kv_bytes_per_token(model: Any, dtype: torch.dtype) -> int:
-    """Bytes one token costs in a full KV cache: layers x KV heads x head size x (K and V) x element size.
-
-    ``dtype`` is the compute dtype, which the cache holds even under 4-bit weights.
-    """
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    element = torch.empty((), dtype=dtype).element_size()
-    return int(config.num_hidden_layers * kv_heads * head_dim * 2 * element)
 
 
 # --- memory policies --------------------------------------------------------------------------

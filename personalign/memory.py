@@ -91,22 +91,22 @@ class MemoryMeter:
         return dataclasses.asdict(self) | {"reduction": self.reduction}
 
 
-def kv_bytes_per_token(loaded: LoadedModel) -> int:
+def kv_bytes_per_token(model: Any, dtype: torch.dtype) -> int:
     """Bytes one token costs in a full KV cache: layers × KV heads × head size × (K and V) × element size.
 
-    The element size is the compute dtype's: 4-bit weights still cache activations in bf16.
+    ``dtype`` is the compute dtype, which the cache holds even under 4-bit weights.
     """
-    config = _text_config(loaded)
+    config = _text_config(model)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    element = torch.empty((), dtype=loaded.dtype).element_size()
+    element = torch.empty((), dtype=dtype).element_size()
     return int(config.num_hidden_layers * kv_heads * head_dim * 2 * element)
 
 
 def dense_meter(loaded: LoadedModel, tokens: int) -> MemoryMeter:
     """The meter of a dense turn that read ``tokens`` tokens."""
-    size = tokens * kv_bytes_per_token(loaded)
+    size = tokens * kv_bytes_per_token(loaded.model, loaded.dtype)
     return MemoryMeter(MemoryPolicy.DENSE.value, tokens, size, tokens, size)
 
 
@@ -170,7 +170,7 @@ class ConversationMemory:
         return len(self.cache.cached_tokens)
 
     def meter(self, loaded: LoadedModel) -> MemoryMeter:
-        per_token = kv_bytes_per_token(loaded)
+        per_token = kv_bytes_per_token(loaded.model, loaded.dtype)
         seen = self.cache.tokens_seen
         utterances = sum(1 for t in self.cache.cached_tokens if t == loaded.eou_token_id)
         return MemoryMeter(self.policy.value, self.cached_tokens(), self.cache.kv_bytes(), seen, seen * per_token,
@@ -284,13 +284,13 @@ class ConversationMemory:
         return memory
 
 
-def _text_config(loaded: LoadedModel) -> Any:
-    config = loaded.model.config
+def _text_config(model: Any) -> Any:
+    config = model.config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def _check_shapes(memory: ConversationMemory, loaded: LoadedModel) -> None:
-    if len(memory.cache.layers) != _text_config(loaded).num_hidden_layers:
+    if len(memory.cache.layers) != _text_config(loaded.model).num_hidden_layers:
         raise MemoryFileError("the saved memory has a different number of layers than the model")
 
 

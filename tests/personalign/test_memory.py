@@ -88,7 +88,7 @@ def test_compressed_memory_keeps_one_entry_per_earlier_utterance(tiny_llm) -> No
 
 def test_meter_counts_cached_and_dense_bytes(tiny_llm) -> None:
     memory = _replayed(tiny_llm, TURNS)
-    per_token = kv_bytes_per_token(tiny_llm)
+    per_token = kv_bytes_per_token(tiny_llm.model, tiny_llm.dtype)
     assert per_token == 2 * 2 * 16 * 2 * 4  # layers × KV heads × head size × K,V × fp32
     meter = memory.meter(tiny_llm)
     assert meter.cached_tokens == len(memory.cache.cached_tokens)
