@@ -48,9 +48,10 @@ def main() -> None:
     ids = torch.tensor([engine.encode(PROMPT)], device=loaded.device)
 
     def ours() -> int:
-        for _ in engine.stream(PROMPT, config):
+        stream = engine.stream(PROMPT, config)
+        for _ in stream:
             pass
-        return engine.last_stats.new_tokens
+        return stream.stats.new_tokens
 
     def plain() -> int:
         out = loaded.model.generate(ids, max_new_tokens=args.tokens, do_sample=False,

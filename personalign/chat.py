@@ -17,7 +17,7 @@ from datetime import datetime
 
 import storage
 from personalign.accounts import AccountService
-from personalign.engine import Engine
+from personalign.engine import Engine, TokenStream
 from personalign.errors import NotFoundError, UserError, user_errors
 from personalign.generation import GenerationConfig
 from personalign.memory import MemoryMeter, MemoryPolicy
@@ -259,13 +259,12 @@ class ChatService:
         history = [_message(t) for t in stored]
         messages, version_id = self._messages(user, history[:-1], history[-1]["content"], persona_id, mode,
                                               generation.max_new_tokens)
-        prompt = self._engine.render(messages)
         # The guidance baseline: the same (trimmed) chat with no persona framing or system prompt.
         plain = None if mode is Mode.NONE else [
             *[m for m in messages[:-1] if m["role"] != "system"], {"role": "user", "content": history[-1]["content"]}]
         stop = self._stop_event(user)
         tokens = self._engine.stream(messages, generation, stop_event=stop, unconditioned=plain)
-        return self._stream(user, conversation_id, tokens, prompt, version_id, mode, stop)
+        return self._stream(user, conversation_id, tokens, tokens.prompt, version_id, mode, stop)
 
     def _reply_from_memory(self, user, conversation_id, persona_id, mode, generation, policy,
                            stored: list[ChatTurn]) -> Iterator[ReplyUpdate]:
@@ -289,9 +288,9 @@ class ChatService:
                 yield ReplyUpdate(conversation_id, "", "", done=True, stopped=True)
                 return
             self._memories.begin(user_id, conversation_id, memory)
-            shown = memory.turn_prompt(self._engine.loaded, messages)[1]
-            prompt = f"[{policy.value} memory: {memory.cached_tokens():,} cached tokens, then]\n{shown}"
             tokens = self._engine.stream_turn(memory, messages, generation, stop_event=stop)
+            # Read before the first token: generation has not started, so the count is the earlier turns'.
+            prompt = f"[{policy.value} memory: {memory.cached_tokens():,} cached tokens, then]\n{tokens.prompt}"
         except BaseException:
             self._release_stop(user, stop)
             raise
@@ -351,7 +350,7 @@ class ChatService:
             if self._stops.get(user) is stop:
                 del self._stops[user]
 
-    def _stream(self, user, conversation_id, tokens, prompt, version_id, mode, stop,
+    def _stream(self, user, conversation_id, tokens: TokenStream, prompt, version_id, mode, stop,
                 after_store=None) -> Iterator[ReplyUpdate]:
         text = ""
         try:
@@ -366,7 +365,7 @@ class ChatService:
             message_id = self._store_reply(user, conversation_id, text, prompt, version_id, mode)
             if after_store is not None:
                 after_store(message_id)
-        stats = self._engine.last_stats
+        stats = tokens.stats  # this reply's own: the engine is shared, and another reply may have ended since
         yield ReplyUpdate(conversation_id, text, prompt, done=True, stopped=stop.is_set(),
                           assistant_message_id=message_id,
                           tokens_per_second=getattr(stats, "tokens_per_second", None),

@@ -2,7 +2,8 @@
 
 Replies are generated one at a time under a lock: one device gains little from
 interleaving two users' decode steps, and serial replies keep memory bounded and
-timings honest. Each reply streams its cumulative text as it grows.
+timings honest. Each reply streams its cumulative text as it grows, and carries its
+own figures: the engine keeps no per-reply state, so two users never see each other's.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +51,31 @@ class StreamStats:
     memory: MemoryMeter | None = None  # what the model holds of the conversation after this reply
 
 
+Pieces = Generator[str, None, StreamStats | None]
+
+
+class TokenStream(Iterator[str]):
+    """One reply: its CUMULATIVE text as it grows, then its own ``stats``.
+
+    Exhaust or ``close()`` it to release the engine lock. ``stats`` is set when the reply
+    ends, however it ends (last token, ``close()``, stop event, error); it stays None when
+    the reply was stopped while still waiting for the lock. The same value ends iteration
+    as ``StopIteration.value``, for callers that drive it with ``next()``.
+    """
+
+    def __init__(self, prompt: str, start: Callable[[TokenStream], Pieces]) -> None:
+        self.prompt = prompt
+        """The text the model reads for this reply; over a streaming memory, only the new turn."""
+        self.stats: StreamStats | None = None
+        self._pieces = start(self)
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        self._pieces.close()
+
+
 class Engine:
     """Chat over one ``LoadedModel``; safe to share between threads."""
 
@@ -58,8 +84,6 @@ class Engine:
         # A plain Lock, not an RLock: servers such as Gradio may advance one stream
         # from different worker threads, and only a Lock may be released by another thread.
         self._lock = threading.Lock()
-        self.last_stats: StreamStats | None = None
-        """Stats of the most recently finished reply (any user); ``stream`` also returns its own."""
 
     @property
     def busy(self) -> bool:
@@ -94,8 +118,11 @@ class Engine:
 
     def encode(self, messages: list[dict[str, Any]]) -> list[int]:
         """Token ids of ``render(messages)``."""
+        return self._tokenize(self.render(messages))
+
+    def _tokenize(self, text: str) -> list[int]:
         # The template already holds its special tokens; adding BOS again would double it.
-        return list(self.loaded.tokenizer(self.render(messages), add_special_tokens=False)["input_ids"])
+        return list(self.loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def count_tokens(self, messages: list[dict[str, Any]]) -> int:
         """Prompt length in tokens for ``messages``."""
@@ -119,18 +146,19 @@ class Engine:
         *,
         stop_event: threading.Event | None = None,
         unconditioned: list[dict[str, Any]] | None = None,
-    ) -> Generator[str, None, StreamStats | None]:
-        """Yield the reply's CUMULATIVE text as it grows; return its ``StreamStats``.
+    ) -> TokenStream:
+        """The reply to ``messages``, as a ``TokenStream`` of its cumulative text and its stats.
 
-        Holds the engine lock from the first token to the last, so replies never
-        interleave; callers must exhaust or ``close()`` the iterator to release it.
+        Generation starts on the first ``next()`` and holds the engine lock from the first
+        token to the last, so replies never interleave; exhaust or ``close()`` the stream.
         Setting ``stop_event`` ends generation before the next token (also while still
-        waiting for the lock, in which case nothing is yielded and None is returned).
+        waiting for the lock, in which case nothing is yielded and ``stats`` stays None).
         Raises ValueError if the prompt leaves no room in the model's context.
         With ``config.persona_strength > 0``, ``unconditioned`` (the same conversation without
         the persona) is the guidance baseline: both prompts decode as two rows of one batch.
         """
-        ids = self.encode(messages)
+        prompt = self.render(messages)
+        ids = self._tokenize(prompt)
         plain = self.encode(unconditioned) if unconditioned is not None and config.persona_strength > 0 else None
         room = self.max_context() - max(len(ids), len(plain or []))
         if room < 1:
@@ -140,7 +168,7 @@ class Engine:
             )
         if config.max_new_tokens > room:
             config = dataclasses.replace(config, max_new_tokens=room)
-        return self._stream(ids, config, stop_event, unconditioned_ids=plain)
+        return TokenStream(prompt, lambda out: self._generate(out, ids, config, stop_event, unconditioned_ids=plain))
 
     def stream_turn(
         self,
@@ -149,14 +177,14 @@ class Engine:
         config: GenerationConfig,
         *,
         stop_event: threading.Event | None = None,
-    ) -> Generator[str, None, StreamStats | None]:
+    ) -> TokenStream:
         """Like ``stream``, but reading only the new turn on top of a streaming ``memory``.
 
         ``messages`` are the turn's prompt messages (a system message, if any, then the new
         user message); the memory already holds every earlier turn. The reply is closed into
         the memory when the stream ends, however it ends.
         """
-        ids, _ = memory.turn_prompt(self.loaded, messages)
+        ids, prompt = memory.turn_prompt(self.loaded, messages)
         room = self.max_context() - memory.cached_tokens() - len(ids)
         if room < 1:
             raise UserError(
@@ -165,7 +193,8 @@ class Engine:
             )
         if config.max_new_tokens > room:
             config = dataclasses.replace(config, max_new_tokens=room)
-        return self._stream(ids, config, stop_event, memory=memory, messages=messages)
+        return TokenStream(prompt, lambda out: self._generate(out, ids, config, stop_event, memory=memory,
+                                                              messages=messages))
 
     def rebuild_memory(
         self, policy: MemoryPolicy | str, turns: list[tuple[list[Message], str]]
@@ -188,8 +217,9 @@ class Engine:
     def dense_meter(self, tokens: int) -> MemoryMeter:
         return dense_meter(self.loaded, tokens)
 
-    def _stream(
+    def _generate(
         self,
+        out: TokenStream,
         ids: list[int],
         config: GenerationConfig,
         stop_event: threading.Event | None,
@@ -197,7 +227,8 @@ class Engine:
         memory: ConversationMemory | None = None,
         messages: list[Message] | None = None,
         unconditioned_ids: list[int] | None = None,
-    ) -> Generator[str, None, StreamStats | None]:
+    ) -> Pieces:
+        """The token loop behind ``out``; sets ``out.stats`` before releasing the lock."""
         should_stop = stop_event.is_set if stop_event is not None else None
         # Poll so that a request cancelled while queued does not wait for its turn.
         while not self._lock.acquire(timeout=0.05):
@@ -239,7 +270,7 @@ class Engine:
                 meter = self._close_turn(memory, messages or [], ids, text.token_ids, shown)
             else:
                 meter = dense_meter(loaded, len(ids) + new_tokens)
-            # Also on close() or an error, so last_stats always describes this reply.
+            # Also on close() or an error, so a stopped or failed reply still reports its figures.
             seconds = time.perf_counter() - start
             if not completed or (should_stop is not None and should_stop()):
                 reason = "cancelled"
@@ -256,7 +287,7 @@ class Engine:
                 finish_reason=reason,
                 memory=meter,
             )
-            self.last_stats = stats
+            out.stats = stats
             self._lock.release()
         return stats
 

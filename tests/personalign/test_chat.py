@@ -1,3 +1,4 @@
+import itertools
 import threading
 
 import pytest
@@ -21,7 +22,7 @@ def test_send_streams_and_stores_the_exact_prompt(services):
     updates = consume(services.chat.send(None, None, "  Why is the sky blue?  ", persona_id=persona.id, mode="pba",
                                          generation=GREEDY))
     texts = [u.text for u in updates[:-1] if u.text]
-    assert len(texts) >= 2 and all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # cumulative stream
+    assert len(texts) >= 2 and all(b.startswith(a) for a, b in itertools.pairwise(texts))  # cumulative stream
     final = updates[-1]
     turns = services.chat.turns(None, final.conversation_id)
     assert [(t.role, t.content) for t in turns] == [("user", "Why is the sky blue?"), ("assistant", final.text)]
@@ -135,3 +136,30 @@ def test_two_users_replies_are_not_interleaved(services):
     for t in threads:
         t.join()
     assert results == {"alice": solo, "bob": solo}
+
+
+def test_replies_finishing_together_keep_their_own_stats(services):
+    """Bob's whole reply runs while Alice's is being stored: her figures must still be her own."""
+    services.accounts.create_user("alice", "password-a")
+    services.accounts.create_user("bob", "password-b")
+    requests = {"alice": ("Tell me a long story about the sea, please.", GREEDY),
+                "bob": ("Hi", GenerationConfig(max_new_tokens=3, temperature=0.0))}
+
+    def send(user):
+        text, generation = requests[user]
+        return consume(services.chat.send(user, None, text, persona_id=None, mode="none", generation=generation))[-1]
+
+    solo = {user: send(user).meter for user in requests}
+    assert solo["alice"] != solo["bob"]
+
+    store = services.chat._store_reply
+    bob_done = []
+
+    def store_then_let_bob_finish(user, *args):
+        if user == "alice" and not bob_done:
+            bob_done.append(send("bob"))
+        return store(user, *args)
+
+    services.chat._store_reply = store_then_let_bob_finish
+    alice = send("alice")
+    assert alice.meter == solo["alice"] and bob_done[0].meter == solo["bob"]

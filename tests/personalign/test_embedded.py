@@ -114,8 +114,9 @@ def test_embedded_model_answers(embedded_llm):
     engine = Engine(embedded_llm)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     reply = ""
-    for reply in engine.stream(messages, GenerationConfig(temperature=0, max_new_tokens=32)):
+    stream = engine.stream(messages, GenerationConfig(temperature=0, max_new_tokens=32))
+    for reply in stream:
         pass
     assert reply.strip()
     assert "Paris" in reply
-    assert engine.last_stats.finish_reason == "stop"
+    assert stream.stats.finish_reason == "stop"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -23,6 +25,7 @@ def engine(tiny_llm) -> Engine:
 
 
 def _drain(stream) -> tuple[list[str], StreamStats | None]:
+    """Drive a stream with next() as Studio does: the stats also end iteration as StopIteration.value."""
     chunks = []
     while True:
         try:
@@ -54,12 +57,14 @@ def test_info_and_max_context(engine):
 
 def test_stream_is_cumulative_and_matches_token_loop(engine, tiny_llm):
     messages = _chat("Tell me something.")
-    chunks, stats = _drain(engine.stream(messages, GREEDY))
-    assert chunks and all(b.startswith(a) and b != a for a, b in zip(chunks, chunks[1:]))
+    stream = engine.stream(messages, GREEDY)
+    assert stream.prompt == engine.render(messages) and stream.stats is None
+    chunks, stats = _drain(stream)
+    assert chunks and all(b.startswith(a) and b != a for a, b in itertools.pairwise(chunks))
     ids = torch.tensor([engine.encode(messages)])
     tokens = list(generate_tokens(tiny_llm.model, ids, GREEDY, stop_token_ids=tiny_llm.stop_token_ids))
     assert chunks[-1] == tiny_llm.tokenizer.decode(tokens, skip_special_tokens=True)
-    assert stats == engine.last_stats
+    assert stats is stream.stats
     assert stats.prompt_tokens == len(ids[0]) and stats.new_tokens == len(tokens)
     assert stats.tokens_per_second > 0 and stats.finish_reason in ("stop", "length")
     assert not engine.busy
@@ -85,7 +90,18 @@ def test_stop_event_stops_the_token_loop(engine, tiny_llm):
 def test_stop_event_set_before_start_yields_nothing(engine):
     stop = threading.Event()
     stop.set()
-    assert list(engine.stream(_chat("hi"), GREEDY, stop_event=stop)) == []
+    stream = engine.stream(_chat("hi"), GREEDY, stop_event=stop)
+    assert list(stream) == []
+    assert stream.stats.finish_reason == "cancelled" and stream.stats.new_tokens == 0
+    assert not engine.busy
+
+
+def test_stream_stopped_while_queued_has_no_stats(engine):
+    stop = threading.Event()
+    stop.set()
+    with engine.exclusive():  # another reply holds the model
+        stream = engine.stream(_chat("hi"), GREEDY, stop_event=stop)
+        assert list(stream) == [] and stream.stats is None
     assert not engine.busy
 
 
@@ -95,7 +111,46 @@ def test_closing_a_stream_early_releases_the_lock(engine):
     assert engine.busy
     stream.close()
     assert not engine.busy
-    assert engine.last_stats.finish_reason == "cancelled" and engine.last_stats.new_tokens >= 1
+    assert stream.stats.finish_reason == "cancelled" and stream.stats.new_tokens >= 1
+
+
+def test_a_failing_reply_releases_the_lock_and_reports_its_stats(engine, tiny_llm):
+    def fail_after_prefill(*_):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("device lost")
+
+    calls: list[int] = []
+    handle = tiny_llm.model.register_forward_hook(fail_after_prefill)
+    try:
+        stream = engine.stream(_chat("hi"), GenerationConfig(temperature=0, max_new_tokens=20))
+        with pytest.raises(RuntimeError, match="device lost"):
+            list(stream)
+    finally:
+        handle.remove()
+    assert not engine.busy
+    assert stream.stats.finish_reason == "cancelled" and stream.stats.new_tokens == 1
+
+
+def test_each_stream_carries_its_own_stats(engine, tiny_llm):
+    """Replies that end one right after the other keep their own figures (the engine serves every user)."""
+    requests = {"a": (_chat("First user asks a longer question."), GREEDY),
+                "b": (_chat("Hi!"), GenerationConfig(temperature=0, max_new_tokens=3))}
+    expected = {}
+    for name, (messages, config) in requests.items():
+        ids = torch.tensor([engine.encode(messages)])
+        tokens = list(generate_tokens(tiny_llm.model, ids, config, stop_token_ids=tiny_llm.stop_token_ids))
+        expected[name] = (ids.shape[1], len(tokens))
+    assert expected["a"] != expected["b"]
+
+    a = engine.stream(*requests["a"])  # A starts first ...
+    b = engine.stream(*requests["b"])
+    list(b)  # ... B finishes first ...
+    list(a)  # ... then A: the last to finish must not overwrite the other's figures.
+    for name, stream in (("a", a), ("b", b)):
+        assert (stream.stats.prompt_tokens, stream.stats.new_tokens) == expected[name]
+        assert stream.stats.memory.cached_tokens == sum(expected[name])
+    assert b.stats.finish_reason == "length"
 
 
 def test_two_threads_are_serialised(engine):
@@ -106,27 +161,21 @@ def test_two_threads_are_serialised(engine):
     events: list[str] = []
     results: dict[str, str] = {}
     busy: list[bool] = []
-    errors: list[BaseException] = []
     barrier = threading.Barrier(2)
 
     def user(name: str) -> None:
-        try:
-            barrier.wait()
-            for text in engine.stream(prompts[name], GREEDY):
-                events.append(name)
-                busy.append(engine.busy)
-                results[name] = text
-        except BaseException as exc:  # surfaced by the main thread
-            errors.append(exc)
+        barrier.wait()
+        for text in engine.stream(prompts[name], GREEDY):
+            events.append(name)
+            busy.append(engine.busy)
+            results[name] = text
 
-    threads = [threading.Thread(target=user, args=(n,)) for n in prompts]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors and results == expected
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for future in [pool.submit(user, name) for name in prompts]:
+            future.result(timeout=60)  # re-raises a user's error here
+    assert results == expected
     assert all(busy)  # the lock is held while each reply is being yielded
-    switches = sum(1 for x, y in zip(events, events[1:]) if x != y)
+    switches = sum(1 for x, y in itertools.pairwise(events) if x != y)
     assert switches == 1  # one whole reply, then the other: never interleaved
 
 

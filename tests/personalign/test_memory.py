@@ -70,8 +70,10 @@ def test_second_turn_reads_only_the_new_message(tiny_llm) -> None:
     ids, text = memory.turn_prompt(tiny_llm, TURNS[1][0])
     assert text == "<|im_start|>user\nMy code is 4721<|im_end|>\n<|im_start|>assistant\n"
     assert ids[0] == tiny_llm.tokenizer("\n", add_special_tokens=False)["input_ids"][0]  # the pending newline
-    list(engine.stream_turn(memory, TURNS[1][0], GREEDY))
-    assert engine.last_stats.prompt_tokens == len(ids)
+    stream = engine.stream_turn(memory, TURNS[1][0], GREEDY)
+    assert stream.prompt == text
+    list(stream)
+    assert stream.stats.prompt_tokens == len(ids)
     assert memory.cache.tokens_seen > before + len(ids)  # the prompt, the reply and its EoU
 
 
@@ -160,8 +162,9 @@ def test_decode_loop_over_the_memory_cache_matches_stream_turn(tiny_llm) -> None
     expected = list(generate_tokens(tiny_llm.model, torch.tensor([rest]), GREEDY,
                                     stop_token_ids=tiny_llm.stop_token_ids, cache=twin.cache))
     engine = Engine(tiny_llm)
-    list(engine.stream_turn(memory, question, GREEDY))
-    assert engine.last_stats.new_tokens == len(expected)
+    stream = engine.stream_turn(memory, question, GREEDY)
+    list(stream)
+    assert stream.stats.new_tokens == len(expected)
 
 
 def test_app_memories_keep_kept_keys_in_their_cache_slots(tiny_llm) -> None:
