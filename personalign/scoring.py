@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -53,28 +54,36 @@ def _supports_logits_to_keep(model: Any) -> bool:
         return False
 
 
-def response_logprobs(target: Engine | LoadedModel, messages: list[Message], responses: Sequence[str]) -> list[float]:
-    """Summed log p(response tokens + end-of-turn | rendered prompt), for each response, in one forward."""
+@dataclass(frozen=True)
+class ScoringBatch:
+    """Several responses to one prompt as one right-padded batch, and where each one's scored tokens lie."""
+
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    lengths: tuple[int, ...]  # real tokens per row
+    scored: tuple[int, ...]  # trailing tokens scored per row (the response and its end-of-turn)
+
+
+def scoring_batch(target: Engine | LoadedModel, messages: list[Message], responses: Sequence[str]) -> ScoringBatch:
+    """Tokenize ``responses`` after the rendered ``messages`` into one batch (see ``summed_logprobs``)."""
     if not responses:
-        return []
+        raise ValueError("no responses to score")
     engine = _engine(target)
     loaded = engine.loaded
     tokenizer = loaded.tokenizer
     prompt = engine.encode(messages)  # template text already holds its special tokens
     limit = engine.max_context()
     rows: list[list[int]] = []
-    scored: list[int] = []  # tokens scored at the end of each row
+    scored: list[int] = []
     for response in responses:
         response_ids = [*tokenizer(response, add_special_tokens=False)["input_ids"], loaded.eou_token_id]
         ids, n = _fit_context(prompt, response_ids, limit)
         rows.append(ids)
         scored.append(n)
-
     if len(prompt) + 1 > limit:
         # Once per prompt rather than per response: the cut itself is logged at debug level.
         logger.warning("prompt of %d tokens exceeds the model's context of %d; cut from the left", len(prompt), limit)
-    lengths = [len(r) for r in rows]
-    width = max(lengths)
+    width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else loaded.eou_token_id
     # Right padding keeps every real token at the position it has unbatched, so the numbers
     # match single-sequence scoring; the attention mask hides the pads from nothing before them.
@@ -83,25 +92,44 @@ def response_logprobs(target: Engine | LoadedModel, messages: list[Message], res
     for b, ids in enumerate(rows):
         input_ids[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention[b, : len(ids)] = 1
+    return ScoringBatch(input_ids, attention, tuple(len(r) for r in rows), tuple(scored))
 
+
+def summed_logprobs(model: Any, batch: ScoringBatch, device: torch.device) -> torch.Tensor:
+    """Summed log p of each row's scored tokens, shape (B,), float32.
+
+    Differentiable when called with gradients on (preference training); ``response_logprobs``
+    calls it under inference mode.
+    """
+    lengths, scored = batch.lengths, batch.scored
+    width = batch.input_ids.shape[1]
     # Token t is predicted by the logits at t-1, so row b needs logits from
     # lengths[b]-scored[b]-1 on; only that tail goes through the LM head.
     first = min(length - n - 1 for length, n in zip(lengths, scored))
     keep = width - first
-    kwargs: dict[str, Any] = {"logits_to_keep": keep} if _supports_logits_to_keep(loaded.model) else {}
+    kwargs: dict[str, Any] = {"logits_to_keep": keep} if _supports_logits_to_keep(model) else {}
+    out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                use_cache=False, **kwargs)
+    logits = out.logits[:, -keep:, :]  # (B, keep, V): positions first .. T-1
+    totals = []
+    for b, (length, n) in enumerate(zip(lengths, scored)):
+        start = length - n - 1 - first  # index in the kept tail of the logits predicting the first scored token
+        row_logits = logits[b, start : start + n, :].float()  # (n, V)
+        targets = batch.input_ids[b, length - n : length].to(row_logits.device)  # (n,)
+        token_logprobs = torch.log_softmax(row_logits, dim=-1).gather(1, targets[:, None])  # (n, 1)
+        totals.append(token_logprobs.sum())
+    return torch.stack(totals)  # (B,)
+
+
+def response_logprobs(target: Engine | LoadedModel, messages: list[Message], responses: Sequence[str]) -> list[float]:
+    """Summed log p(response tokens + end-of-turn | rendered prompt), for each response, in one forward."""
+    if not responses:
+        return []
+    engine = _engine(target)
+    batch = scoring_batch(engine, messages, responses)
+    loaded = engine.loaded
     with torch.inference_mode():
-        out = loaded.model(
-            input_ids=input_ids.to(loaded.device), attention_mask=attention.to(loaded.device), use_cache=False, **kwargs
-        )
-        logits = out.logits[:, -keep:, :]  # (B, keep, V): positions first .. T-1
-        totals = []
-        for b, (length, n) in enumerate(zip(lengths, scored)):
-            start = length - n - 1 - first  # index in the kept tail of the logits predicting the first scored token
-            row_logits = logits[b, start : start + n, :].float()  # (n, V)
-            targets = input_ids[b, length - n : length].to(row_logits.device)  # (n,)
-            token_logprobs = torch.log_softmax(row_logits, dim=-1).gather(1, targets[:, None])  # (n, 1)
-            totals.append(float(token_logprobs.sum()))
-    return totals
+        return summed_logprobs(loaded.model, batch, loaded.device).tolist()
 
 
 def response_logprob(target: Engine | LoadedModel, messages: list[Message], response: str) -> float:

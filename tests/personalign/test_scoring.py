@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from personalign.engine import Engine
-from personalign.scoring import response_logprob, response_logprobs
+from personalign.scoring import (
+    response_logprob,
+    response_logprobs,
+    scoring_batch,
+    summed_logprobs,
+)
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
 
@@ -50,3 +55,22 @@ def test_over_long_prompt_is_cut_from_the_left(tiny_llm):
     # Only the tail of the prompt matters once cut: a different head gives the same score.
     other = [{"role": "user", "content": "xyz! " * 10 + "word " * 400}]
     assert response_logprob(engine, other, "ok") == pytest.approx(score, abs=1e-3)
+
+
+def test_summed_logprobs_is_the_differentiable_form_of_the_scores(tiny_llm):
+    replies = ["Red.", "A deep green, like moss."]
+    batch = scoring_batch(tiny_llm, MESSAGES, replies)
+    assert batch.lengths[0] < batch.lengths[1] and batch.scored[1] == len(replies[1].encode()) + 1  # byte tokens + EoU
+    model = tiny_llm.model
+    sums = summed_logprobs(model, batch, tiny_llm.device)
+    assert sums.requires_grad and sums.shape == (2,)
+    assert sums.tolist() == pytest.approx(response_logprobs(tiny_llm, MESSAGES, replies), abs=1e-5)
+    sums.sum().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    model.zero_grad(set_to_none=True)
+
+
+def test_scoring_batch_needs_a_reply(tiny_llm):
+    with pytest.raises(ValueError, match="no responses"):
+        scoring_batch(tiny_llm, MESSAGES, [])
