@@ -28,17 +28,22 @@ import logging
 import math
 import random
 import time
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from personalign.models import ADAPTER_METADATA, LoadedModel, base_fingerprint
+from personalign.adapter_training import (
+    TARGET_MODULES,
+    LoraSettings,
+    check_out_dir,
+    lora_session,
+    write_metadata,
+)
+from personalign.models import LoadedModel
 from personalign.streaming_dialogue import additive_mask
 
 logger = logging.getLogger(__name__)
@@ -70,16 +75,15 @@ class MemoryTrainingConfig:
     samples: int = 1000  # dialogues drawn from the synthetic source
 
     # The published recipe adapts the query and value projections only; not a setting.
-    TARGET_MODULES: ClassVar[tuple[str, ...]] = ("q_proj", "v_proj")
+    TARGET_MODULES: ClassVar[tuple[str, ...]] = TARGET_MODULES
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
-        for name in ("rank", "alpha", "epochs", "batch_size", "pairs", "samples"):
+        for name in ("epochs", "batch_size", "pairs", "samples"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer; got {getattr(self, name)!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1); got {self.dropout!r}")
+        self.lora  # noqa: B018 -- validates rank, alpha and dropout
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
             raise ValueError(f"lr must be a positive learning rate below 1; got {self.lr!r}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
@@ -89,6 +93,10 @@ class MemoryTrainingConfig:
             raise ValueError(f"max_tokens must be an integer of at least 9; got {self.max_tokens!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer; got {self.seed!r}")
+
+    @property
+    def lora(self) -> LoraSettings:
+        return LoraSettings(rank=self.rank, alpha=self.alpha, dropout=self.dropout)
 
     @property
     def max_utterance_tokens(self) -> int:
@@ -502,45 +510,12 @@ def bos_token_id(loaded: LoadedModel) -> int:
     raise ValueError(f"model {loaded.name} defines no BOS token; StreamingDialogue needs one as its first sink")
 
 
-def _check_out_dir(out_dir: Path | str) -> Path:
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a folder for the adapter")
-    if out.is_dir() and any(out.iterdir()) and not (out / "adapter_config.json").is_file():
-        raise ValueError(f"--out {out} is a non-empty folder that holds no adapter; choose a new or empty folder")
-    return out
-
-
 def _split_probe(samples: list[MemorySample], batch_size: int) -> tuple[list[MemorySample], list[MemorySample], bool]:
     """Hold out one batch (at most a tenth of the samples) to score before and after training."""
     held = min(batch_size, len(samples) // 10)
     if held == 0:
         return samples[:batch_size], samples, False
     return samples[:held], samples[held:], True
-
-
-class _Restore:
-    """The parts of a model that wrapping it in peft changes, put back afterwards."""
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-        self.training = model.training
-        self.requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-
-    def __call__(self) -> None:
-        for name, p in self.model.named_parameters():
-            p.requires_grad_(self.requires_grad.get(name, p.requires_grad))
-        self.model.train(self.training)
-
-
-def _lora(model: Any, config: MemoryTrainingConfig) -> Any:
-    from peft import LoraConfig, get_peft_model
-
-    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                      target_modules=list(config.TARGET_MODULES), task_type="CAUSAL_LM")
-    with warnings.catch_warnings():  # peft probes a deprecated transformers property on every wrap
-        warnings.simplefilter("ignore", FutureWarning)
-        return get_peft_model(model, lora)
 
 
 def train_memory(loaded: LoadedModel, samples_source: str | Path | Sequence[Sequence[str]],
@@ -550,16 +525,14 @@ def train_memory(loaded: LoadedModel, samples_source: str | Path | Sequence[Sequ
 
     ``samples_source`` is ``"synthetic"``, a corpus file (see ``load_corpus``) or a list of
     dialogues. ``progress(step, total, loss)`` is called after every optimizer step. The adapter
-    goes to ``out_dir`` (peft's ``save_pretrained``) with ``personalign-memory.json`` beside it.
+    goes to ``out_dir`` (peft's ``save_pretrained``) with ``ADAPTER_METADATA`` beside it.
     The LoRA layers are removed afterwards, leaving ``loaded.model`` as it was.
 
     A 4-bit or 8-bit base is trained as it stands (frozen, LoRA weights in float32), rather than
     through peft's ``prepare_model_for_kbit_training``: that casts the base to float32 for good,
     which the app's shared model must not undergo, and a 135M model needs none of its savings.
     """
-    if loaded.adapter is not None:
-        raise ValueError(f"{loaded.name} already carries the adapter {loaded.adapter}; train on the base model alone")
-    out = _check_out_dir(out_dir)
+    out = check_out_dir(out_dir)
     dialogues = load_dialogues(samples_source, config)
     eou, bos = loaded.eou_token_id, bos_token_id(loaded)
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else eou
@@ -571,69 +544,41 @@ def train_memory(loaded: LoadedModel, samples_source: str | Path | Sequence[Sequ
                 len(train), total)
     score = {"pad_id": pad, "dtype": loaded.dtype, "device": loaded.device, "batch_size": config.batch_size}
 
-    model, restore = loaded.model, _Restore(loaded.model)
-    devices = [loaded.device.index or 0] if loaded.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):  # seeded LoRA init and dropout, global RNG untouched
-        torch.manual_seed(config.seed)
-        peft_model = _lora(model, config)
-        try:
-            probe_before = memory_loss(peft_model, probe, **score)  # LoRA starts as a no-op: the base model
-            params = [p for p in peft_model.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(params, lr=config.lr)
-            order = random.Random(config.seed)
-            losses: list[float] = []
-            start = time.perf_counter()
-            peft_model.train()
-            while len(losses) < total:
-                epoch = order.sample(train, len(train))
-                for i in range(0, len(epoch), config.batch_size):
-                    batch = collate(epoch[i:i + config.batch_size], pad, loaded.dtype)
-                    loss_sum, count = batch_loss(peft_model, batch, loaded.device)
-                    loss = loss_sum / max(count, 1)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(params, 1.0)
-                    optimizer.step()
-                    losses.append(loss.item())
-                    if progress is not None:
-                        progress(len(losses), total, losses[-1])
-                    if len(losses) == total:
-                        break
-            seconds = time.perf_counter() - start
-            probe_after = memory_loss(peft_model, probe, **score)
-            peft_model.save_pretrained(str(out))
-            _write_metadata(out, loaded, config, samples_source, eou, bos, len(losses), losses[-1],
-                            probe_before, probe_after)
-        finally:
-            peft_model.unload()  # drops the LoRA layers, back to the original modules
-            restore()
+    with lora_session(loaded, config.lora, config.seed) as peft_model:
+        probe_before = memory_loss(peft_model, probe, **score)  # LoRA starts as a no-op: the base model
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=config.lr)
+        order = random.Random(config.seed)
+        losses: list[float] = []
+        start = time.perf_counter()
+        peft_model.train()
+        while len(losses) < total:
+            epoch = order.sample(train, len(train))
+            for i in range(0, len(epoch), config.batch_size):
+                batch = collate(epoch[i:i + config.batch_size], pad, loaded.dtype)
+                loss_sum, count = batch_loss(peft_model, batch, loaded.device)
+                loss = loss_sum / max(count, 1)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                losses.append(loss.item())
+                if progress is not None:
+                    progress(len(losses), total, losses[-1])
+                if len(losses) == total:
+                    break
+        seconds = time.perf_counter() - start
+        probe_after = memory_loss(peft_model, probe, **score)
+        peft_model.save_pretrained(str(out))
+        data = SYNTHETIC if isinstance(samples_source, str) and samples_source == SYNTHETIC else (
+            Path(samples_source).name if isinstance(samples_source, (str, Path)) else "in-memory dialogues")
+        write_metadata(out, loaded, "memory", config.lora, {
+            "bos_token_id": bos, "method": config.method, "steps": len(losses), "final_loss": round(losses[-1], 6),
+            "probe_loss_before": round(probe_before, 6), "probe_loss_after": round(probe_after, 6),
+            "lr": config.lr, "max_tokens": config.max_tokens, "seed": config.seed, "data": data,
+        })
     logger.info("memory training done: %d steps in %.1f s, loss %.4f -> %.4f", len(losses), seconds, losses[0],
                 losses[-1])
     return TrainingReport(steps=len(losses), seconds=seconds, first_loss=losses[0], last_loss=losses[-1],
                           probe_loss_before=probe_before, probe_loss_after=probe_after, probe_held_out=held_out,
                           train_samples=len(train), out_dir=out, probe=tuple(probe))
-
-
-def _write_metadata(out: Path, loaded: LoadedModel, config: MemoryTrainingConfig, source: Any, eou: int, bos: int,
-                    steps: int, final_loss: float, probe_before: float, probe_after: float) -> None:
-    data = SYNTHETIC if isinstance(source, str) and source == SYNTHETIC else (
-        Path(source).name if isinstance(source, (str, Path)) else "in-memory dialogues")
-    meta = {
-        "base_model": loaded.name,
-        "base_config": base_fingerprint(loaded.model),
-        "eou_token_id": eou,
-        "bos_token_id": bos,
-        "method": config.method,
-        "steps": steps,
-        "final_loss": round(final_loss, 6),
-        "probe_loss_before": round(probe_before, 6),
-        "probe_loss_after": round(probe_after, 6),
-        "lora": {"rank": config.rank, "alpha": config.alpha, "dropout": config.dropout,
-                 "target_modules": list(config.TARGET_MODULES)},
-        "lr": config.lr,
-        "max_tokens": config.max_tokens,
-        "seed": config.seed,
-        "data": data,
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    (out / ADAPTER_METADATA).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")

@@ -34,8 +34,9 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 # Assistant text used to find the end-of-turn token in a chat template.
 _PROBE_REPLY = "PersonalignProbeReply"
 ADAPTER_CONFIG = "adapter_config.json"  # what peft's save_pretrained writes into an adapter folder
-ADAPTER_METADATA = "personalign-memory.json"
-"""Written by memory training beside the adapter: the base model it fits, its sinks, the run."""
+ADAPTER_METADATA = "personalign-adapter.json"
+"""Written by our trainers beside the adapter: its purpose, the base model it fits, the run."""
+_LEGACY_ADAPTER_METADATA = "personalign-memory.json"  # the name memory adapters were first saved with
 # Config fields that decide whether an adapter's weights fit a base model.
 _FINGERPRINT_FIELDS = (
     "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
@@ -290,8 +291,10 @@ def load_model(config: ModelConfig) -> LoadedModel:
 
 
 def _read_adapter_metadata(path: Path) -> dict[str, Any]:
-    """``personalign-memory.json`` of an adapter folder; {} for a plain peft adapter without one."""
+    """``ADAPTER_METADATA`` of an adapter folder; {} for a plain peft adapter without one."""
     file = path / ADAPTER_METADATA
+    if not file.is_file():
+        file = path / _LEGACY_ADAPTER_METADATA
     if not file.is_file():
         return {}
     try:
@@ -328,7 +331,7 @@ def _check_adapter_base(path: Path, meta: dict[str, Any], loaded: LoadedModel) -
     if not _same_model(trained_for, loaded.name):
         raise ModelLoadError(
             f"The adapter in {path} was trained for {trained_for}, not {loaded.name}. "
-            f"Load it with --model {flag}, or train one for this model with train-memory."
+            f"Load it with --model {flag}, or train one for this model (train-memory, train-preference)."
         )
     eou = meta.get("eou_token_id")
     if eou is not None and eou != loaded.eou_token_id:

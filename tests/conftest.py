@@ -9,6 +9,7 @@ Replies from it are gibberish but deterministic under greedy decoding.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # Tests never reach a model hub; set before transformers is imported anywhere.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -76,6 +77,16 @@ def make_tiny_llm() -> LoadedModel:
 def tiny_llm() -> LoadedModel:
     """The tiny random chat model, shared by the session (do not mutate it)."""
     return make_tiny_llm()
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> Path:
+    """The tiny model saved as a model folder, for what loads by path (``--model``, adapters)."""
+    llm = make_tiny_llm()
+    folder = tmp_path_factory.mktemp("tiny-model")
+    llm.model.save_pretrained(folder)
+    llm.tokenizer.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")

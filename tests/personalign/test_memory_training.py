@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -31,15 +30,6 @@ BOS, EOU = 1, 2  # as in tests/conftest.py (and SmolLM2)
 A, B, C, D = 10, 20, 30, 40
 # Small and fast on the tiny model; a high lr so that a few steps visibly move the loss.
 FAST = MemoryTrainingConfig(samples=40, max_tokens=192, pairs=4, lr=5e-3, max_steps=12, seed=3)
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory) -> Path:
-    llm = make_tiny_llm()
-    folder = tmp_path_factory.mktemp("tiny-model")
-    llm.model.save_pretrained(folder)
-    llm.tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

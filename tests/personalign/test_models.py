@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import time
 import warnings
 from pathlib import Path
@@ -28,14 +29,6 @@ from personalign.models import (
 def no_cuda(monkeypatch):
     """Behave like a CPU-only machine even where a GPU exists."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tiny_llm, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tiny_llm.model.save_pretrained(folder)
-    tiny_llm.tokenizer.save_pretrained(folder)
-    return folder
 
 
 def test_model_config_defaults_and_validation():
@@ -183,6 +176,15 @@ def test_adapter_for_another_model_is_refused(tiny_folder, tmp_path, no_cuda):
     sinks = _save_adapter(base.model, tmp_path / "sinks", _meta(base, eou_token_id=0))
     with pytest.raises(ModelLoadError, match="end-of-utterance token 0"):
         load_model(ModelConfig(model=str(tiny_folder), adapter=sinks))
+
+
+def test_adapter_metadata_under_its_first_name_is_still_read(tiny_folder, tmp_path, no_cuda):
+    base = load_model(ModelConfig(model=str(tiny_folder)))
+    old = _save_adapter(base.model, tmp_path / "old")
+    # Memory adapters trained before the file was renamed carry personalign-memory.json.
+    (old / "personalign-memory.json").write_text(json.dumps(_meta(base, base_model="SmolLM2-135M-Instruct")))
+    with pytest.raises(ModelLoadError, match="trained for SmolLM2-135M-Instruct, not"):
+        load_model(ModelConfig(model=str(tiny_folder), adapter=old))
 
 
 def test_adapter_of_another_shape_is_refused(tiny_folder, tmp_path, no_cuda):

@@ -1,0 +1,124 @@
+"""What every LoRA training run shares: wrapping the loaded model, its output folder, its record.
+
+Two trainers build on this: ``memory_training`` (SMR/LMR sinks) and ``preference_training``
+(DPO on pairwise choices). Each trains low-rank adapters on the attention projections of a
+``LoadedModel`` the app may be sharing, so the wrap must leave no trace: ``lora_session``
+removes the LoRA layers and puts back every ``requires_grad`` flag and the train/eval mode
+when it ends, however it ends. The adapter folder holds peft's files and
+``ADAPTER_METADATA``, which ``models.apply_adapter`` reads to refuse an adapter trained for
+another model.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from personalign.models import ADAPTER_METADATA, LoadedModel, base_fingerprint
+
+TARGET_MODULES = ("q_proj", "v_proj")
+"""Both published recipes adapt the query and value projections only."""
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The adapter's shape. ``layers``: the decoder layers to adapt (None: all of them).
+
+    Adapting only the top layers is a speed choice: gradients then stop at the lowest adapted
+    layer, so the backward pass skips everything below it.
+    """
+
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    layers: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("rank", "alpha"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer; got {getattr(self, name)!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {self.dropout!r}")
+        if self.layers is not None and (
+            not self.layers or any(not isinstance(i, int) or i < 0 for i in self.layers)
+        ):
+            raise ValueError(f"layers must be None or non-negative layer indices; got {self.layers!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
+                "target_modules": list(TARGET_MODULES), "layers": None if self.layers is None else list(self.layers)}
+
+
+def top_layers(model: Any, count: int) -> tuple[int, ...]:
+    """The indices of the model's last ``count`` decoder layers (all of them if it has fewer)."""
+    total = int(model.config.num_hidden_layers)
+    if count < 1:
+        raise ValueError(f"the number of layers to adapt must be positive; got {count}")
+    return tuple(range(max(0, total - count), total))
+
+
+def check_out_dir(out_dir: Path | str) -> Path:
+    """``out_dir`` as a Path, refused if it is a file or a non-empty folder that holds no adapter."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for the adapter")
+    if out.is_dir() and any(out.iterdir()) and not (out / "adapter_config.json").is_file():
+        raise ValueError(f"--out {out} is a non-empty folder that holds no adapter; choose a new or empty folder")
+    return out
+
+
+@contextmanager
+def lora_session(loaded: LoadedModel, settings: LoraSettings, seed: int) -> Iterator[Any]:
+    """``loaded.model`` wrapped in fresh LoRA layers, seeded; unwrapped and restored on exit.
+
+    The global RNG is left untouched (the seed governs LoRA init and dropout only). A 4-bit or
+    8-bit base is trained as it stands, frozen with float32 LoRA weights, rather than through
+    peft's ``prepare_model_for_kbit_training``: that casts the base to float32 for good, which
+    the app's shared model must not undergo, and a 135M model needs none of its savings.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if loaded.adapter is not None:
+        raise ValueError(f"{loaded.name} already carries the adapter {loaded.adapter}; train on the base model alone")
+    model = loaded.model
+    training = model.training
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    lora = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                      target_modules=list(TARGET_MODULES), task_type="CAUSAL_LM",
+                      layers_to_transform=None if settings.layers is None else list(settings.layers))
+    devices = [loaded.device.index or 0] if loaded.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        with warnings.catch_warnings():  # peft probes a deprecated transformers property on every wrap
+            warnings.simplefilter("ignore", FutureWarning)
+            peft_model = get_peft_model(model, lora)
+        try:
+            yield peft_model
+        finally:
+            peft_model.unload()  # drops the LoRA layers, back to the original modules
+            for name, p in model.named_parameters():
+                p.requires_grad_(requires_grad.get(name, p.requires_grad))
+            model.train(training)
+
+
+def write_metadata(out: Path, loaded: LoadedModel, purpose: str, settings: LoraSettings,
+                   run: Mapping[str, Any]) -> None:
+    """Write ``ADAPTER_METADATA`` beside the adapter: the base model it fits, its purpose, the run."""
+    meta = {
+        "purpose": purpose,
+        "base_model": loaded.name,
+        "base_config": base_fingerprint(loaded.model),
+        "eou_token_id": loaded.eou_token_id,
+        "lora": settings.to_dict(),
+        **run,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    (out / ADAPTER_METADATA).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
