@@ -1,4 +1,4 @@
-"""The `python -m personalign` command line: info, a terminal chat, user accounts, eval, and train-memory.
+"""The `python -m personalign` command line: info, a terminal chat, user accounts, eval, and training.
 
 Argument parsing lives here and in app.py only; both share the model and data flags
 defined below, and hand the core frozen configs. Later capabilities add subcommands here.
@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import storage
@@ -34,6 +35,8 @@ from personalign.models import (
     load_model,
 )
 from personalign.persona import Persona, loads
+from personalign.preference_training import KINDS as PREFERENCE_KINDS
+from personalign.preference_training import PreferenceTrainingConfig
 from personalign.prompts import Mode, build_messages
 
 log = logging.getLogger("personalign")
@@ -123,21 +126,32 @@ def cmd_user_add(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from personalign.evaluation import evaluate_modes
-
+def read_records(path: Path) -> list:
+    """The AlignX records in a benchmark JSON file, or a UserError that says what is wrong with it."""
     try:
-        records = json.loads(args.data.read_text(encoding="utf-8"))
+        records = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as err:
-        raise UserError(f"data file not found: {args.data}") from err
+        raise UserError(f"data file not found: {path}") from err
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{args.data} is not valid JSON: {err}") from err
+        raise UserError(f"{path} is not valid JSON: {err}") from err
     if not isinstance(records, list) or not records:
-        raise UserError(f"{args.data} must hold a non-empty JSON list of AlignX records")
+        raise UserError(f"{path} must hold a non-empty JSON list of AlignX records")
+    return records
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from personalign.evaluation import evaluate_modes, parse_selection
+
+    records = read_records(args.data)
+    if args.limit is not None and args.records is not None:
+        raise UserError("give --limit or --records, not both")
     if args.limit is not None:
         if args.limit < 1:
             raise UserError("--limit must be at least 1")
-        records = records[: args.limit]
+        selection = list(range(min(args.limit, len(records))))
+    else:
+        selection = parse_selection(args.records or "all", len(records))
+    records = [records[i] for i in selection]
     modes = list(MODES) if args.mode == "all" else [args.mode]
     engine = load_engine(args)
 
@@ -152,7 +166,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         with args.out.open("w", encoding="utf-8") as out:
             for mode, result in results.items():
                 for row in result.records:
-                    out.write(json.dumps({"mode": mode, **row.to_dict()}) + "\n")
+                    # The index in the data file, not in the selection, so lines can be matched to records.
+                    out.write(json.dumps({"mode": mode, **row.to_dict(), "index": selection[row.index]}) + "\n")
     print(f"{'mode':<10} {'n':>5} {'accuracy':>9}  95% Wilson CI")
     for mode, result in results.items():
         print(f"{mode:<10} {result.n:>5} {result.accuracy:>9.3f}  [{result.ci_low:.3f}, {result.ci_high:.3f}]")
@@ -188,6 +203,51 @@ def cmd_train_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_preference(args: argparse.Namespace) -> int:
+    from personalign.adapter_training import LoraSettings, top_layers
+    from personalign.evaluation import parse_selection
+    from personalign.preference_training import preference_pairs, train_preference
+
+    if args.adapter is not None:
+        raise UserError("train-preference trains a new adapter on the base model; leave out --adapter")
+    records = read_records(args.data)
+    held = parse_selection(args.holdout, len(records)) if args.holdout else []
+    held_set = set(held)
+    train_records = [r for i, r in enumerate(records) if i not in held_set]
+    if not train_records:
+        raise UserError("--holdout leaves no records to train on")
+    # A held-out record's post must not be learnt from another record's history either.
+    exclude = {records[i].get("prompt") for i in held if isinstance(records[i], dict)}
+    pairs = preference_pairs(train_records, args.kind, history=not args.no_history, exclude_posts=exclude)
+    # Checked before the model loads: a bad flag fails in a second, not a minute.
+    config = PreferenceTrainingConfig(kind=args.kind, history=not args.no_history, beta=args.beta, lr=args.lr,
+                                      epochs=args.epochs, max_steps=args.steps, batch_size=args.batch_size,
+                                      seed=args.seed, lora=LoraSettings(rank=args.rank))
+    if args.top_layers is not None and args.top_layers < 1:
+        raise UserError("--top-layers must be at least 1")
+    log.info("loading model %s", args.model)
+    loaded = load_model(model_config(args))
+    if args.top_layers is not None:
+        config = replace(config, lora=replace(config.lora, layers=top_layers(loaded.model, args.top_layers)))
+
+    def progress(step: int, total: int, loss: float) -> None:
+        if step % max(1, total // 20) == 0 or step == total:
+            print(f"step {step}/{total}  loss {loss:.4f}", file=sys.stderr, flush=True)
+
+    report = train_preference(loaded, pairs, config, args.out, progress=progress, run_info={
+        "data": args.data.name, "holdout": args.holdout or "", "held_out_records": len(held),
+        "excluded_posts": len(exclude)})
+    print(f"trained a DPO preference adapter ({args.kind} prompts) on {loaded.name}: {report.steps} steps over "
+          f"{report.train_pairs} pairs from {len(train_records)} records in {report.seconds:.1f} s")
+    print(f"DPO loss {report.first_loss:.4f} -> {report.last_loss:.4f}")
+    if report.probe_accuracy_before is not None:
+        print(f"probe pairs ({report.probe_pairs}, from records not trained on): accuracy "
+              f"{report.probe_accuracy_before:.3f} -> {report.probe_accuracy_after:.3f}")
+    hint = f" --records {args.holdout}" if args.holdout else ""
+    print(f"adapter saved to {report.out_dir}; evaluate it with: eval --adapter {report.out_dir}{hint}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m personalign", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -209,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--mode", choices=[*MODES, "all"], required=True,
                           help="scorer; all runs the four in one pass and prints a table")
     evaluate.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
+    evaluate.add_argument("--records", default=None,
+                          help="evaluate these records, e.g. 0:50,300:350 (start:stop ranges and indices)")
     evaluate.add_argument("--out", type=Path, default=None, help="write per-record results here as JSON lines")
     evaluate.add_argument("--profile", choices=PROFILE_SOURCES, default="given",
                           help="PBA profile for pba and contrast: given = the record's own profile; embedding = "
@@ -231,6 +293,28 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, default=defaults.batch_size)
     train.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="longest training sequence")
     train.set_defaults(run=cmd_train_memory)
+    pref = sub.add_parser("train-preference",
+                          help="train a DPO LoRA adapter on AlignX records' pairwise choices, persona in the prompt")
+    add_model_arguments(pref)
+    pref.add_argument("--data", type=Path, required=True, help="AlignX JSON (a list of records) to learn from")
+    pref.add_argument("--out", type=Path, required=True, help="folder to write the adapter into")
+    pref_defaults = PreferenceTrainingConfig()
+    pref.add_argument("--kind", choices=PREFERENCE_KINDS, default=pref_defaults.kind,
+                      help="pba: the record's profile in the prompt; raw: no persona (the control)")
+    pref.add_argument("--holdout", default=None,
+                      help="records never trained on (e.g. 0:50,300:350), nor their posts in any history")
+    pref.add_argument("--no-history", action="store_true",
+                      help="learn from each record's own pair only, not its pairwise history")
+    pref.add_argument("--steps", type=int, default=None, help="stop after N optimizer steps (default: the epochs)")
+    pref.add_argument("--epochs", type=int, default=pref_defaults.epochs)
+    pref.add_argument("--lr", type=float, default=pref_defaults.lr)
+    pref.add_argument("--beta", type=float, default=pref_defaults.beta, help="DPO temperature")
+    pref.add_argument("--rank", type=int, default=pref_defaults.lora.rank, help="LoRA rank")
+    pref.add_argument("--top-layers", type=int, default=None,
+                      help="adapt only the last N decoder layers (faster backward); default all")
+    pref.add_argument("--batch-size", type=int, default=pref_defaults.batch_size, help="pairs per optimizer step")
+    pref.add_argument("--seed", type=int, default=pref_defaults.seed)
+    pref.set_defaults(run=cmd_train_preference)
     user = sub.add_parser("user", help="manage sign-in accounts")
     user_sub = user.add_subparsers(dest="user_command", required=True)
     add = user_sub.add_parser("add", help="create a user for the app's sign-in")

@@ -124,6 +124,30 @@ def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, flo
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def parse_selection(spec: str, count: int) -> list[int]:
+    """Record indices from a spec like ``"0:50,300:350,420"`` (Python slices and single indices).
+
+    Sorted and without repeats; an index past ``count`` is an error, so a typo does not
+    silently evaluate fewer records. ``"all"`` selects every record.
+    """
+    if spec.strip() == "all":
+        return list(range(count))
+    chosen: set[int] = set()
+    for part in (p.strip() for p in spec.split(",")):
+        try:
+            if ":" in part:
+                start, _, stop = part.partition(":")
+                span = range(int(start) if start else 0, int(stop) if stop else count)
+            else:
+                span = range(int(part), int(part) + 1)
+        except ValueError:
+            raise ValueError(f"record selection {spec!r}: {part!r} is neither an index nor a start:stop range") from None
+        if span.start < 0 or span.stop > count or not span:
+            raise ValueError(f"record selection {spec!r}: {part!r} is empty or outside the {count} records (0:{count})")
+        chosen.update(span)
+    return sorted(chosen)
+
+
 def _text(record: Mapping[str, Any], key: str, index: int) -> str:
     value = record.get(key)
     if not isinstance(value, str) or not value:
@@ -163,7 +187,12 @@ def inferred_direction(record: Mapping[str, Any], inferrer: ProfileInferrer) -> 
     return inferrer.infer(items).direction
 
 
-def _messages(kind: str, record: Mapping[str, Any], post: str, profile: str | None) -> list[dict[str, str]]:
+def record_messages(kind: str, record: Mapping[str, Any], post: str,
+                    profile: str | None = None) -> list[dict[str, str]]:
+    """The prompt messages for ``post`` as ``kind`` (raw | ica | pba) frames it for ``record``'s person.
+
+    PBA uses ``profile`` when one is given (an inferred one), else the record's own.
+    """
     if kind == "raw":
         return build_messages(Mode.NONE, None, [], post)
     if kind == "ica":
@@ -238,7 +267,7 @@ def evaluate_modes(
                     raise ValueError(f"record {index}: {err}") from err
                 profile = render_profile(direction)
                 inferred_labels.append(sum(v != NEUTRAL for v in direction))
-            c, r = response_logprobs(engine, _messages(kind, record, post, profile), [chosen, rejected])
+            c, r = response_logprobs(engine, record_messages(kind, record, post, profile), [chosen, rejected])
             scores[kind] = (c, r)
             kind_seconds[kind] = time.perf_counter() - start
         for mode in modes:

@@ -18,6 +18,7 @@ from personalign.evaluation import (
     evaluate,
     evaluate_modes,
     inferred_direction,
+    parse_selection,
     wilson_interval,
 )
 from personalign.persona import Persona, from_record
@@ -273,3 +274,30 @@ def test_cli_eval_profile_flag(eval_cli, tmp_path, capsys):
         assert ("profile" in row) == (row["mode"] in ("pba", "contrast"))
     assert [r["profile"] for r in rows if r["mode"] == "pba"][2] == ""
     assert all(GIVEN not in r.get("profile", "") for r in rows)
+
+
+# --- choosing records -----------------------------------------------------------------------------
+
+
+def test_parse_selection_ranges_and_indices():
+    assert parse_selection("0:3,7,5:6", 10) == [0, 1, 2, 5, 7]
+    assert parse_selection(" 8: , :2 ", 10) == [0, 1, 8, 9]
+    assert parse_selection("all", 4) == [0, 1, 2, 3]
+    assert parse_selection("1:3,2", 4) == [1, 2]  # repeats collapse
+
+
+@pytest.mark.parametrize(("spec", "message"), [("0:11", "outside"), ("3:3", "empty"), ("x", "neither"),
+                                               ("-1", "outside"), ("1:2:3", "neither")])
+def test_parse_selection_refuses_what_it_cannot_mean(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_selection(spec, 10)
+
+
+def test_cli_eval_records_keep_their_file_indices(eval_cli, tmp_path, capsys):
+    data = tmp_path / "records.json"
+    data.write_text(json.dumps(load_alignx(DATA)[:4]))
+    out = tmp_path / "results.jsonl"
+    assert eval_cli("--data", str(data), "--mode", "raw", "--records", "3,1", "--out", str(out)) == 0
+    assert [json.loads(line)["index"] for line in out.read_text().splitlines()] == [1, 3]
+    assert eval_cli("--data", str(data), "--mode", "raw", "--records", "1", "--limit", "2") == 2
+    assert "not both" in capsys.readouterr().err
