@@ -568,6 +568,9 @@ class StudioService:
         generation = _run_config(generation)
         total = len(values) * samples
         points: list[SweepPoint] = []
+        # PBA renders a slider in three states (pole, other pole, left out), so several values
+        # often give the same prompt; with the same seed that is the same answer, so it is reused.
+        answered: dict[tuple, str] = {}
         stop = self._start(user, stop_event)
         try:
             for value in values:
@@ -579,9 +582,13 @@ class StudioService:
                 for k in range(samples):
                     seed = generation.seed + k
                     _report(progress, len(points), total, f"Value {value:g}, answer {k + 1} of {samples}")
-                    text = self._answer(messages, question, replace(generation, seed=seed), strength, stop)
+                    key = (tuple((m["role"], m["content"]) for m in messages), seed, strength)
+                    text = None if stop.is_set() else answered.get(key)
+                    if text is None:
+                        text = self._answer(messages, question, replace(generation, seed=seed), strength, stop)
                     if text is None:
                         break
+                    answered[key] = text
                     points.append(SweepPoint(value, seed, text, measure_one(text)))
                 if stop.is_set():
                     break
@@ -668,17 +675,13 @@ class StudioService:
         with user_errors():  # a prompt too long for the model's context is the user's to fix
             tokens = self._engine.stream(messages, replace(generation, persona_strength=strength), stop_event=stop,
                                          unconditioned=plain)
-        text, stats = "", None
+        text = ""
         try:
-            while True:
-                try:
-                    text = next(tokens)
-                except StopIteration as done:
-                    stats = done.value
-                    break
+            for text in tokens:  # cumulative text: the last one is the whole answer
+                pass
         finally:
             tokens.close()
-        if stats is None or stats.finish_reason == "cancelled":
+        if tokens.stats is None or tokens.stats.finish_reason == "cancelled":
             return None
         return text
 

@@ -248,3 +248,21 @@ def test_projection_attribute_on_the_swept_dimension(services, persona_id):
     assert isinstance(result, Sweep) and result.projection_dimension == CONCISE
     assert all(-1.0 <= p.score <= 1.0 for p in result.points)
     assert "Concise communication style" in result.attribute_label
+
+
+def test_values_that_render_the_same_prompt_are_answered_once(services, persona_id, monkeypatch):
+    engine = services.studio._engine
+    prompts = []
+    real_stream = engine.stream
+
+    def counting(messages, *args, **kwargs):
+        prompts.append(engine.render(messages))
+        return real_stream(messages, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "stream", counting)
+    result = services.studio.sweep(None, QUESTION, persona_id, CONCISE, None, "length", "pba", SAMPLED, samples=2)
+    # Five values but three prompts (negative pole, left out, positive pole), two seeds each.
+    assert len(result.points) == 10 and len(prompts) == 6 == 2 * len(set(prompts))
+    texts = {(p.value, p.seed): p.text for p in result.points}
+    assert all(texts[(0.0, s)] == texts[(0.25, s)] and texts[(0.75, s)] == texts[(1.0, s)]
+               for s in {p.seed for p in result.points})
