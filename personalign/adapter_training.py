@@ -12,13 +12,16 @@ another model.
 from __future__ import annotations
 
 import json
+import math
+import random
+import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -26,6 +29,10 @@ from personalign.models import ADAPTER_METADATA, LoadedModel, base_fingerprint
 
 TARGET_MODULES = ("q_proj", "v_proj")
 """Both published recipes adapt the query and value projections only."""
+MAX_GRAD_NORM = 1.0
+
+Item = TypeVar("Item")
+ProgressFn = Callable[[int, int, float], None]
 
 
 @dataclass(frozen=True)
@@ -122,3 +129,39 @@ def write_metadata(out: Path, loaded: LoadedModel, purpose: str, settings: LoraS
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     (out / ADAPTER_METADATA).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def planned_steps(items: int, batch_size: int, epochs: int, max_steps: int | None) -> int:
+    """Optimizer steps for ``epochs`` passes over ``items`` in batches, capped at ``max_steps``."""
+    total = math.ceil(items / batch_size) * epochs
+    return total if max_steps is None else min(total, max_steps)
+
+
+def optimize(model: Any, items: Sequence[Item], step: Callable[[list[Item]], float], *, lr: float, batch_size: int,
+             total: int, seed: int, progress: ProgressFn | None = None) -> tuple[list[float], float]:
+    """Run ``total`` AdamW steps over shuffled batches of ``items``; return the losses and the seconds.
+
+    ``step(batch)`` computes the batch's loss, calls ``backward`` on it (once, or per item
+    when it accumulates) and returns its value; the gradient is then clipped and applied.
+    Each epoch is a fresh seeded shuffle; the last epoch stops at ``total``.
+    ``progress(step, total, loss)`` follows every step.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    order = random.Random(seed)
+    losses: list[float] = []
+    start = time.perf_counter()
+    model.train()
+    while len(losses) < total:
+        epoch = order.sample(list(items), len(items))
+        for i in range(0, len(epoch), batch_size):
+            optimizer.zero_grad(set_to_none=True)
+            loss = step(epoch[i:i + batch_size])
+            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+            optimizer.step()
+            losses.append(loss)
+            if progress is not None:
+                progress(len(losses), total, loss)
+            if len(losses) == total:
+                break
+    return losses, time.perf_counter() - start

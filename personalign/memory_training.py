@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +39,8 @@ from personalign.adapter_training import (
     LoraSettings,
     check_out_dir,
     lora_session,
+    optimize,
+    planned_steps,
     write_metadata,
 )
 from personalign.models import LoadedModel
@@ -92,7 +92,7 @@ class MemoryTrainingConfig:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 9:
             raise ValueError(f"max_tokens must be an integer of at least 9; got {self.max_tokens!r}")
         if not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer; got {self.seed!r}")
+            raise ValueError(f"seed must be an integer; got {self.seed!r}")  # noqa: TRY004 -- a config error
 
     @property
     def lora(self) -> LoraSettings:
@@ -538,36 +538,22 @@ def train_memory(loaded: LoadedModel, samples_source: str | Path | Sequence[Sequ
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else eou
     samples = build_samples(dialogues, loaded.tokenizer, config, eou_id=eou, bos_id=bos)
     probe, train, held_out = _split_probe(samples, config.batch_size)
-    per_epoch = math.ceil(len(train) / config.batch_size)
-    total = per_epoch * config.epochs if config.max_steps is None else min(per_epoch * config.epochs, config.max_steps)
+    total = planned_steps(len(train), config.batch_size, config.epochs, config.max_steps)
     logger.info("memory training (%s): %d dialogues -> %d sequences, %d steps", config.method, len(dialogues),
                 len(train), total)
     score = {"pad_id": pad, "dtype": loaded.dtype, "device": loaded.device, "batch_size": config.batch_size}
 
     with lora_session(loaded, config.lora, config.seed) as peft_model:
         probe_before = memory_loss(peft_model, probe, **score)  # LoRA starts as a no-op: the base model
-        params = [p for p in peft_model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=config.lr)
-        order = random.Random(config.seed)
-        losses: list[float] = []
-        start = time.perf_counter()
-        peft_model.train()
-        while len(losses) < total:
-            epoch = order.sample(train, len(train))
-            for i in range(0, len(epoch), config.batch_size):
-                batch = collate(epoch[i:i + config.batch_size], pad, loaded.dtype)
-                loss_sum, count = batch_loss(peft_model, batch, loaded.device)
-                loss = loss_sum / max(count, 1)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                losses.append(loss.item())
-                if progress is not None:
-                    progress(len(losses), total, losses[-1])
-                if len(losses) == total:
-                    break
-        seconds = time.perf_counter() - start
+
+        def step(batch_samples: list[MemorySample]) -> float:
+            loss_sum, count = batch_loss(peft_model, collate(batch_samples, pad, loaded.dtype), loaded.device)
+            loss = loss_sum / max(count, 1)
+            loss.backward()
+            return loss.item()
+
+        losses, seconds = optimize(peft_model, train, step, lr=config.lr, batch_size=config.batch_size,
+                                   total=total, seed=config.seed, progress=progress)
         probe_after = memory_loss(peft_model, probe, **score)
         peft_model.save_pretrained(str(out))
         data = SYNTHETIC if isinstance(samples_source, str) and samples_source == SYNTHETIC else (

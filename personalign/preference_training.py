@@ -28,9 +28,7 @@ posts as the records themselves. The adapter is written like every other
 from __future__ import annotations
 
 import logging
-import math
 import random
-import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +41,8 @@ from personalign.adapter_training import (
     LoraSettings,
     check_out_dir,
     lora_session,
+    optimize,
+    planned_steps,
     write_metadata,
 )
 from personalign.evaluation import record_messages
@@ -205,43 +205,29 @@ def train_preference(loaded: LoadedModel, pairs: Sequence[PreferencePair], confi
     if len(pairs) < 2:
         raise ValueError(f"preference training needs at least 2 pairs; got {len(pairs)}")
     probe, train = _split_probe(list(pairs), config.seed)
-    per_epoch = math.ceil(len(train) / config.batch_size)
-    total = per_epoch * config.epochs if config.max_steps is None else min(per_epoch * config.epochs, config.max_steps)
+    total = planned_steps(len(train), config.batch_size, config.epochs, config.max_steps)
     logger.info("preference training (%s prompts): %d pairs, %d probe pairs, %d steps", config.kind, len(train),
                 len(probe), total)
     reference: dict[int, torch.Tensor] = {}  # pair index -> (2,) log p under the base, computed on first use
 
     with lora_session(loaded, config.lora, config.seed) as model:
         before = pair_accuracy(model, loaded, probe)  # LoRA starts as a no-op: this is the base model
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=config.lr)
-        order = random.Random(config.seed)
-        losses: list[float] = []
-        start = time.perf_counter()
-        model.train()
-        while len(losses) < total:
-            epoch = order.sample(range(len(train)), len(train))
-            for i in range(0, len(epoch), config.batch_size):
-                chunk = epoch[i:i + config.batch_size]
-                optimizer.zero_grad(set_to_none=True)
-                loss_sum = 0.0
-                for index in chunk:
-                    if index not in reference:
-                        with model.disable_adapter(), torch.no_grad():
-                            reference[index] = pair_logprobs(model, loaded, train[index]).detach()
-                    policy = pair_logprobs(model, loaded, train[index])
-                    # One pair per backward keeps memory to two sequences; gradients add up over the chunk.
-                    loss = dpo_loss(policy[None], reference[index][None], config.beta) / len(chunk)
-                    loss.backward()
-                    loss_sum += loss.item()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                losses.append(loss_sum)
-                if progress is not None:
-                    progress(len(losses), total, loss_sum)
-                if len(losses) == total:
-                    break
-        seconds = time.perf_counter() - start
+
+        def step(chunk: list[int]) -> float:
+            total_loss = 0.0
+            for index in chunk:
+                if index not in reference:
+                    with model.disable_adapter(), torch.no_grad():
+                        reference[index] = pair_logprobs(model, loaded, train[index]).detach()
+                policy = pair_logprobs(model, loaded, train[index])
+                # One pair per backward keeps memory to two sequences; gradients add up over the chunk.
+                loss = dpo_loss(policy[None], reference[index][None], config.beta) / len(chunk)
+                loss.backward()
+                total_loss += loss.item()
+            return total_loss
+
+        losses, seconds = optimize(model, range(len(train)), step, lr=config.lr, batch_size=config.batch_size,
+                                   total=total, seed=config.seed, progress=progress)
         after = pair_accuracy(model, loaded, probe)
         model.save_pretrained(str(out))
         write_metadata(out, loaded, "preference", config.lora, {

@@ -11,6 +11,8 @@ from personalign.adapter_training import (
     LoraSettings,
     check_out_dir,
     lora_session,
+    optimize,
+    planned_steps,
     top_layers,
     write_metadata,
 )
@@ -77,3 +79,31 @@ def test_metadata_names_purpose_base_and_run(tmp_path) -> None:
     assert meta["lora"] == {"rank": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"],
                             "layers": [0]}
     assert meta["base_config"]["num_hidden_layers"] == 2
+
+
+def test_planned_steps() -> None:
+    assert planned_steps(10, 4, 1, None) == 3
+    assert planned_steps(10, 4, 2, None) == 6
+    assert planned_steps(10, 4, 2, 5) == 5
+
+
+def test_optimize_runs_the_planned_steps_over_shuffled_batches() -> None:
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    seen: list[list[int]] = []
+    progress: list[tuple] = []
+
+    def step(batch: list[int]) -> float:
+        seen.append(batch)
+        x = torch.tensor([[float(i)] for i in batch])
+        loss = ((model(x) - 2 * x) ** 2).mean()  # learn y = 2x
+        loss.backward()
+        return loss.item()
+
+    losses, seconds = optimize(model, range(5), step, lr=0.1, batch_size=2, total=7, seed=0,
+                               progress=lambda *a: progress.append(a))
+    assert len(losses) == len(seen) == 7 and seconds >= 0
+    assert [len(b) for b in seen] == [2, 2, 1, 2, 2, 1, 2]  # epochs of 5 in batches of 2, cut at 7
+    assert sorted(i for batch in seen[:3] for i in batch) == list(range(5)) and seen[:3] != seen[3:6]  # each epoch: all, reshuffled
+    assert [p[:2] for p in progress] == [(i, 7) for i in range(1, 8)] and progress[-1][2] == losses[-1]
+    assert losses[-1] < losses[0] and model.training
