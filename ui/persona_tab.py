@@ -121,9 +121,9 @@ class PersonaTab:
                     )
         self.demographics = gr.Textbox(label="Demographic description", lines=2, placeholder="Who is this person?")
         self.ugc = gr.Dataframe(headers=UGC_HEADERS, value=[["", ""]], label="Posts they wrote (UGC)",
-                                col_count=(2, "fixed"), row_count=(1, "dynamic"), type="array", wrap=True)
+                                column_count=2, row_count=1, type="array", wrap=True)
         self.pairwise = gr.Dataframe(headers=PAIRWISE_HEADERS, value=[["", "", ""]],
-                                     label="Pairwise choices", col_count=(3, "fixed"), row_count=(1, "dynamic"),
+                                     label="Pairwise choices", column_count=3, row_count=1,
                                      type="array", wrap=True)
         with gr.Accordion("Infer from behaviour", open=False, elem_id="infer-section"):
             gr.Markdown(INFER_HELP)
