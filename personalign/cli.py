@@ -20,6 +20,7 @@ from personalign.engine import Engine
 from personalign.errors import UserError
 from personalign.evaluation import MODES, PROFILE_SOURCES
 from personalign.generation import GenerationConfig
+from personalign.memory import MemoryPolicy
 from personalign.memory_training import (
     METHODS,
     SYNTHETIC,
@@ -91,10 +92,17 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     persona = loads(args.persona.read_bytes()) if args.persona else Persona()
     mode = Mode(args.mode)
+    policy = MemoryPolicy(args.memory)
+    if args.persona_strength and policy is not MemoryPolicy.DENSE:
+        raise UserError("--persona-strength needs --memory dense (it compares two full prompts)")
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                              persona_strength=args.persona_strength)
     engine = load_engine(args)
-    config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    # A streaming memory holds the earlier turns in the KV cache; dense re-sends the history.
+    memory = None if policy is MemoryPolicy.DENSE else engine.empty_memory(policy)
     history: list[dict[str, str]] = []
-    print(f"Chatting with {engine.info()['name']} in mode {mode.value}. Empty line or Ctrl-D to quit.")
+    print(f"Chatting with {engine.info()['name']} in mode {mode.value}, {policy.value} memory. "
+          "Empty line or Ctrl-D to quit.")
     while True:
         try:
             text = input("you> ").strip()
@@ -102,12 +110,20 @@ def cmd_chat(args: argparse.Namespace) -> int:
             break
         if not text:
             break
+        if memory is None:
+            plain = build_messages(Mode.NONE, None, history, text) if mode is not Mode.NONE else None
+            tokens = engine.stream(build_messages(mode, persona, history, text), config, unconditioned=plain)
+        else:
+            tokens = engine.stream_turn(memory, build_messages(mode, persona, [], text), config)
         reply = ""
         print("bot> ", end="", flush=True)
-        for reply_so_far in engine.stream(build_messages(mode, persona, history, text), config):
+        for reply_so_far in tokens:
             print(reply_so_far[len(reply):], end="", flush=True)
             reply = reply_so_far
         print()
+        if memory is not None and tokens.stats is not None and tokens.stats.memory is not None:
+            meter = tokens.stats.memory
+            log.info("memory: %s cached tokens, %s KV bytes", f"{meter.cached_tokens:,}", f"{meter.kv_bytes:,}")
         history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
     return 0
 
@@ -262,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=int, default=256)
     chat.add_argument("--temperature", type=float, default=0.7)
     chat.add_argument("--seed", type=int, default=None)
+    chat.add_argument("--memory", choices=[p.value for p in MemoryPolicy], default=MemoryPolicy.DENSE.value,
+                      help="what the model keeps between turns: dense re-reads the history; the streaming "
+                           "policies keep a compressed KV cache")
+    chat.add_argument("--persona-strength", type=float, default=0.0,
+                      help="persona guidance gamma (0 = plain decoding); needs --memory dense")
     chat.set_defaults(run=cmd_chat)
     evaluate = sub.add_parser("eval", help="pairwise preference accuracy on an AlignX benchmark JSON file")
     add_model_arguments(evaluate)

@@ -58,6 +58,22 @@ def test_terminal_chat_with_a_persona_file(tmp_path):
     assert "bot> " in result.stdout and len(result.stdout.split("bot> ")[1].strip()) > 0
 
 
+def test_terminal_chat_on_a_streaming_memory(tmp_path):
+    result = run("-m", "personalign", "chat", "--memory", "streaming-dialogue", "--temperature", "0",
+                 "--max-new-tokens", "8", "--device", "cpu", stdin="My name is Ada.\nWhat is my name?\n\n")
+    assert result.returncode == 0, result.stderr
+    assert "streaming-dialogue memory" in result.stdout and result.stdout.count("bot> ") == 2
+    # The meter after each turn: the second holds more than the first.
+    cached = [int(line.split("memory: ")[1].split(" cached")[0].replace(",", ""))
+              for line in result.stderr.splitlines() if "memory: " in line]
+    assert len(cached) == 2 and 0 < cached[0] < cached[1]
+
+
+def test_terminal_chat_guidance_needs_dense_memory():
+    result = run("-m", "personalign", "chat", "--memory", "streaming-llm", "--persona-strength", "1")
+    assert result.returncode == 2 and "needs --memory dense" in result.stderr
+
+
 def test_user_add_validates_and_creates(tmp_path):
     bad = run("-m", "personalign", "user", "add", "alice", "--password-stdin", "--data-dir", str(tmp_path),
               stdin="short\n")
