@@ -156,7 +156,11 @@ def read_records(path: Path) -> list:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from personalign.evaluation import evaluate_modes, parse_selection
+    from personalign.evaluation import (
+        accuracy_by_group,
+        evaluate_modes,
+        parse_selection,
+    )
 
     records = read_records(args.data)
     if args.limit is not None and args.records is not None:
@@ -187,6 +191,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"{'mode':<10} {'n':>5} {'accuracy':>9}  95% Wilson CI")
     for mode, result in results.items():
         print(f"{mode:<10} {result.n:>5} {result.accuracy:>9.3f}  [{result.ci_low:.3f}, {result.ci_high:.3f}]")
+    if args.group_by:
+        labels = [str(r.get(args.group_by, "(none)")) if isinstance(r, dict) else "(none)" for r in records]
+        print(f"\nby {args.group_by}:")
+        for mode, result in results.items():
+            for label, group in accuracy_by_group(result, labels).items():
+                print(f"{mode:<10} {group.n:>5} {group.accuracy:>9.3f}  [{group.ci_low:.3f}, {group.ci_high:.3f}]  "
+                      f"{label}")
     inferred = [m for m, r in results.items() if r.profile_source not in (None, "given")]
     if inferred:
         # Said under the table, so two runs' tables can be told apart; a given-profile table is unchanged.
@@ -293,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--records", default=None,
                           help="evaluate these records, e.g. 0:50,300:350 (start:stop ranges and indices)")
     evaluate.add_argument("--out", type=Path, default=None, help="write per-record results here as JSON lines")
+    evaluate.add_argument("--group-by", default=None, metavar="KEY",
+                          help="also print accuracy per value of this record key (e.g. ground_truth_persona)")
     evaluate.add_argument("--profile", choices=PROFILE_SOURCES, default="given",
                           help="PBA profile for pba and contrast: given = the record's own profile; embedding = "
                                "inferred from the record's UGC and pairwise items by the embedding inferrer")

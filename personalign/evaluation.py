@@ -301,6 +301,23 @@ def evaluate_modes(
     return results
 
 
+def accuracy_by_group(result: EvalResult, labels: Sequence[str]) -> dict[str, EvalResult]:
+    """``result`` split by a label per record (``labels[i]`` for the record at index i), in first-seen order.
+
+    Each group's accuracy and Wilson interval are its own; seconds are not split.
+    """
+    groups: dict[str, list[RecordResult]] = {}
+    for row in result.records:
+        groups.setdefault(labels[row.index], []).append(row)
+    out = {}
+    for label, rows in groups.items():
+        hits = sum(r.correct for r in rows)
+        low, high = wilson_interval(hits, len(rows))
+        out[label] = EvalResult(mode=result.mode, records=tuple(rows), accuracy=hits / len(rows), ci_low=low,
+                                ci_high=high, seconds=0.0, profile_source=result.profile_source)
+    return out
+
+
 def evaluate(
     records: Sequence[Mapping[str, Any]],
     engine: Engine,

@@ -15,6 +15,9 @@ from personalign.engine import Engine
 from personalign.evaluation import (
     MODES,
     PROFILE_SOURCES,
+    EvalResult,
+    RecordResult,
+    accuracy_by_group,
     evaluate,
     evaluate_modes,
     inferred_direction,
@@ -301,3 +304,24 @@ def test_cli_eval_records_keep_their_file_indices(eval_cli, tmp_path, capsys):
     assert [json.loads(line)["index"] for line in out.read_text().splitlines()] == [1, 3]
     assert eval_cli("--data", str(data), "--mode", "raw", "--records", "1", "--limit", "2") == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_accuracy_by_group_splits_records_by_label():
+    rows = tuple(RecordResult(index=i, score_chosen=1.0, score_rejected=0.0 if i < 3 else 2.0, correct=i < 3)
+                 for i in range(5))
+    result = EvalResult(mode="pba", records=rows, accuracy=0.6, ci_low=0.2, ci_high=0.9, seconds=1.0)
+    groups = accuracy_by_group(result, ["a", "b", "a", "b", "b"])
+    assert list(groups) == ["a", "b"]
+    assert (groups["a"].n, groups["a"].accuracy) == (2, 1.0)
+    assert (groups["b"].n, groups["b"].correct) == (3, 1)
+    assert (groups["b"].ci_low, groups["b"].ci_high) == wilson_interval(1, 3)
+
+
+def test_cli_eval_group_by_prints_a_row_per_group(eval_cli, tmp_path, capsys):
+    data = tmp_path / "records.json"
+    data.write_text(json.dumps(load_alignx(DATA)[298:302]))  # two students, then two PhD students
+    assert eval_cli("--data", str(data), "--mode", "raw", "--group-by", "ground_truth_persona") == 0
+    out = capsys.readouterr().out.split("by ground_truth_persona:")[1]
+    lines = [line for line in out.splitlines() if line.startswith("raw")]
+    assert len(lines) == 2 and all(" 2 " in line for line in lines)
+    assert "elementary school" in lines[0] and "PhD" in lines[1]
