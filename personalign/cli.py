@@ -247,7 +247,7 @@ def cmd_train_preference(args: argparse.Namespace) -> int:
     exclude = {records[i].get("prompt") for i in held if isinstance(records[i], dict)}
     pairs = preference_pairs(train_records, args.kind, history=not args.no_history, exclude_posts=exclude)
     # Checked before the model loads: a bad flag fails in a second, not a minute.
-    config = PreferenceTrainingConfig(kind=args.kind, history=not args.no_history, beta=args.beta, lr=args.lr,
+    config = PreferenceTrainingConfig(kind=args.kind, beta=args.beta, lr=args.lr,
                                       epochs=args.epochs, max_steps=args.steps, batch_size=args.batch_size,
                                       seed=args.seed, lora=LoraSettings(rank=args.rank))
     if args.top_layers is not None and args.top_layers < 1:
@@ -262,8 +262,8 @@ def cmd_train_preference(args: argparse.Namespace) -> int:
             print(f"step {step}/{total}  loss {loss:.4f}", file=sys.stderr, flush=True)
 
     report = train_preference(loaded, pairs, config, args.out, progress=progress, run_info={
-        "data": args.data.name, "holdout": args.holdout or "", "held_out_records": len(held),
-        "excluded_posts": len(exclude)})
+        "data": args.data.name, "history": not args.no_history, "holdout": args.holdout or "",
+        "held_out_records": len(held), "excluded_posts": len(exclude)})
     print(f"trained a DPO preference adapter ({args.kind} prompts) on {loaded.name}: {report.steps} steps over "
           f"{report.train_pairs} pairs from {len(train_records)} records in {report.seconds:.1f} s")
     print(f"DPO loss {report.first_loss:.4f} -> {report.last_loss:.4f}")

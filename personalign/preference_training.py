@@ -68,10 +68,9 @@ class PreferencePair:
 
 @dataclass(frozen=True)
 class PreferenceTrainingConfig:
-    """How to train. ``history``: also learn from each record's pairwise history, not only its own pair."""
+    """How to train on pairs already built (``preference_pairs`` decides which pairs there are)."""
 
-    kind: str = "pba"
-    history: bool = True
+    kind: str = "pba"  # the prompt kind the pairs were built with, recorded in the adapter's metadata
     beta: float = 0.1
     lr: float = 1e-4
     epochs: int = 1
@@ -231,7 +230,7 @@ def train_preference(loaded: LoadedModel, pairs: Sequence[PreferencePair], confi
         after = pair_accuracy(model, loaded, probe)
         model.save_pretrained(str(out))
         write_metadata(out, loaded, "preference", config.lora, {
-            "method": "dpo", "kind": config.kind, "history": config.history, "beta": config.beta, "lr": config.lr,
+            "method": "dpo", "kind": config.kind, "beta": config.beta, "lr": config.lr,
             "steps": len(losses), "batch_size": config.batch_size, "seed": config.seed, "train_pairs": len(train),
             "final_loss": round(losses[-1], 6), "probe_pairs": len(probe),
             "probe_accuracy_before": before, "probe_accuracy_after": after, **(run_info or {}),

@@ -182,7 +182,7 @@ def test_train_preference_then_eval_the_held_out_records(tiny_folder, tmp_path, 
     meta = json.loads((out / ADAPTER_METADATA).read_text())
     # Records 0 and 1 are held out, and so is record 5's history pair, whose post is record 0's.
     assert (meta["held_out_records"], meta["excluded_posts"], meta["train_pairs"]) == (2, 2, 7)
-    assert meta["lora"]["layers"] == [1]
+    assert meta["lora"]["layers"] == [1] and meta["history"] is True and meta["kind"] == "pba"
 
     results = tmp_path / "results.jsonl"
     code = main(["eval", "--model", str(tiny_folder), "--device", "cpu", "--adapter", str(out), "--data", str(data),
