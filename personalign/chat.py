@@ -10,7 +10,6 @@ It knows no UI and no SQL; the engine owns the model and its lock.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -25,6 +24,7 @@ from personalign.memory_store import MemoryStore, Position, Turns
 from personalign.persona import Persona
 from personalign.personas import PersonaService
 from personalign.prompts import Message, Mode, build_messages
+from personalign.stops import UserStops
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +80,7 @@ class ChatService:
         self._accounts = accounts
         self._personas = personas
         self._memories = memories
-        self._stops: dict[str | None, threading.Event] = {}
-        self._stops_lock = threading.Lock()
+        self._stops = UserStops()
 
     # Conversations -------------------------------------------------------------------------
 
@@ -172,10 +171,7 @@ class ChatService:
 
     def stop(self, user: str | None) -> None:
         """Stop the user's reply in progress, if any; it is stored as far as it got."""
-        with self._stops_lock:
-            event = self._stops.get(user)
-        if event is not None:
-            event.set()
+        self._stops.stop(user)
 
     def feedback(self, user: str | None, message_id: int, value: int) -> None:
         """Thumbs up (+1), down (-1) or cleared (0) on one of the user's messages.
@@ -207,7 +203,7 @@ class ChatService:
         history = [_message(t) for t in stored[:-2]]
         messages, _ = self._messages(user, history, stored[-2].content, persona_id, Mode(mode),
                                      generation.max_new_tokens)
-        return self._engine.stream(messages, generation, stop_event=self._stop_event(user))
+        return self._engine.stream(messages, generation, stop_event=self._stops.register(user))
 
     def pick(self, user: str | None, conversation_id: int, *, alternative: str, keep_alternative: bool) -> None:
         """Settle a pick between the stored last answer and an alternative.
@@ -262,7 +258,7 @@ class ChatService:
         # The guidance baseline: the same (trimmed) chat with no persona framing or system prompt.
         plain = None if mode is Mode.NONE else [
             *[m for m in messages[:-1] if m["role"] != "system"], {"role": "user", "content": history[-1]["content"]}]
-        stop = self._stop_event(user)
+        stop = self._stops.register(user)
         tokens = self._engine.stream(messages, generation, stop_event=stop, unconditioned=plain)
         return self._stream(user, conversation_id, tokens, tokens.prompt, version_id, mode, stop)
 
@@ -281,7 +277,7 @@ class ChatService:
     def _memory_stream(self, user, conversation_id, policy, at, stored, messages, version_id, mode,
                        generation) -> Iterator[ReplyUpdate]:
         user_id = self._accounts.user_id(user)
-        stop = self._stop_event(user)
+        stop = self._stops.register(user)
         try:
             memory = yield from self._acquire(user, conversation_id, policy, at, stored[:-1], stop)
             if memory is None:  # stopped while rebuilding: nothing generated, nothing lost
@@ -292,7 +288,7 @@ class ChatService:
             # Read before the first token: generation has not started, so the count is the earlier turns'.
             prompt = f"[{policy.value} memory: {memory.cached_tokens():,} cached tokens, then]\n{tokens.prompt}"
         except BaseException:
-            self._release_stop(user, stop)
+            self._stops.release(user, stop)
             raise
 
         def commit(reply_id: int | None) -> None:
@@ -339,17 +335,6 @@ class ChatService:
             pass  # the persona version was deleted: the plain question is the best replay left
         return [{"role": "user", "content": question}]
 
-    def _stop_event(self, user: str | None) -> threading.Event:
-        stop = threading.Event()
-        with self._stops_lock:
-            self._stops[user] = stop
-        return stop
-
-    def _release_stop(self, user: str | None, stop: threading.Event) -> None:
-        with self._stops_lock:
-            if self._stops.get(user) is stop:
-                del self._stops[user]
-
     def _stream(self, user, conversation_id, tokens: TokenStream, prompt, version_id, mode, stop,
                 after_store=None) -> Iterator[ReplyUpdate]:
         text = ""
@@ -361,7 +346,7 @@ class ChatService:
             # Runs on normal end, on stop, and when the caller abandons the stream: the model
             # is released at once and whatever was generated is kept.
             tokens.close()
-            self._release_stop(user, stop)
+            self._stops.release(user, stop)
             message_id = self._store_reply(user, conversation_id, text, prompt, version_id, mode)
             if after_store is not None:
                 after_store(message_id)

@@ -43,6 +43,7 @@ from personalign.persona import Persona
 from personalign.personas import PersonaService
 from personalign.preference_space import DIMENSIONS, NEUTRAL, SIZE
 from personalign.prompts import Message, Mode, build_messages
+from personalign.stops import UserStops
 
 log = logging.getLogger(__name__)
 
@@ -505,8 +506,7 @@ class StudioService:
         self._engine = engine
         self._embedder = embedder
         self._embedder_lock = threading.Lock()
-        self._stops: dict[str | None, threading.Event] = {}
-        self._stops_lock = threading.Lock()
+        self._stops = UserStops()
 
     # Experiments ---------------------------------------------------------------------------
 
@@ -527,7 +527,7 @@ class StudioService:
             if s.persona_id is not None and s.persona_id not in personas:
                 personas[s.persona_id] = self._personas.load(user, s.persona_id).persona
         answers: list[Answer] = []
-        stop = self._start(user, stop_event)
+        stop = self._stops.register(user, stop_event)
         try:
             for n, s in enumerate(settings):
                 _report(progress, n, len(settings), f"Answering as {s.label}")
@@ -540,7 +540,7 @@ class StudioService:
                     break
                 answers.append(Answer(s.label, text, self._engine.render(messages), measure(text)))
         finally:
-            self._finish(user, stop)
+            self._stops.release(user, stop)
         _report(progress, len(answers), len(settings), "Done")
         return Comparison(question, generation, settings, tuple(answers), cancelled=len(answers) < len(settings))
 
@@ -571,7 +571,7 @@ class StudioService:
         # PBA renders a slider in three states (pole, other pole, left out), so several values
         # often give the same prompt; with the same seed that is the same answer, so it is reused.
         answered: dict[tuple, str] = {}
-        stop = self._start(user, stop_event)
+        stop = self._stops.register(user, stop_event)
         try:
             for value in values:
                 if variable == PERSONA_STRENGTH:
@@ -593,7 +593,7 @@ class StudioService:
                 if stop.is_set():
                     break
         finally:
-            self._finish(user, stop)
+            self._stops.release(user, stop)
         _report(progress, len(points), total, "Done")
         return Sweep(question, state.id, state.name, mode, variable, values, attribute, samples, generation,
                      tuple(points), persona_strength if variable != PERSONA_STRENGTH else 0.0, projection_dimension,
@@ -601,10 +601,7 @@ class StudioService:
 
     def stop(self, user: str | None) -> None:
         """Stop the user's comparison or sweep in progress, if any, before its next answer."""
-        with self._stops_lock:
-            event = self._stops.get(user)
-        if event is not None:
-            event.set()
+        self._stops.stop(user)
 
     # Export --------------------------------------------------------------------------------
 
@@ -653,17 +650,6 @@ class StudioService:
                 raise NotFoundError(f"Studio run {run_id} was not found.")
 
     # Internals -----------------------------------------------------------------------------
-
-    def _start(self, user: str | None, stop_event: threading.Event | None) -> threading.Event:
-        stop = stop_event if stop_event is not None else threading.Event()
-        with self._stops_lock:
-            self._stops[user] = stop
-        return stop
-
-    def _finish(self, user: str | None, stop: threading.Event) -> None:
-        with self._stops_lock:
-            if self._stops.get(user) is stop:
-                del self._stops[user]
 
     def _answer(self, messages: list[Message], question: str, generation: GenerationConfig, strength: float,
                 stop: threading.Event) -> str | None:
