@@ -28,6 +28,9 @@ from .models import (
     Message,
     MessagePublic,
     Persona,
+    PersonaAdapter,
+    PersonaAdapterBase,
+    PersonaAdapterPublic,
     PersonaPublic,
     PersonaVersion,
     PersonaVersionBase,
@@ -483,6 +486,79 @@ def delete_memory_snapshot(*, session: Session, user_id: int, conversation_id: i
     session.delete(row)
     session.flush()
     return True
+
+
+# --- persona adapters ------------------------------------------------------------
+
+
+def _adapter_row(session: Session, user_id: int, persona_id: int) -> PersonaAdapter | None:
+    return session.exec(
+        select(PersonaAdapter).where(PersonaAdapter.user_id == user_id, PersonaAdapter.persona_id == persona_id)
+    ).first()
+
+
+def set_persona_adapter(
+    *,
+    session: Session,
+    user_id: int,
+    persona_id: int,
+    path: str,
+    model: str,
+    kind: str,
+    pairs: int,
+    steps: int,
+    probe_pairs: int,
+    accuracy_before: float | None = None,
+    accuracy_after: float | None = None,
+) -> PersonaAdapterPublic:
+    """Record (or replace, after retraining) the persona's own trained adapter."""
+    _require(session, Persona, persona_id, user_id)
+    content = _valid(
+        PersonaAdapterBase,
+        path=path,
+        model=model,
+        kind=kind,
+        pairs=pairs,
+        steps=steps,
+        probe_pairs=probe_pairs,
+        accuracy_before=accuracy_before,
+        accuracy_after=accuracy_after,
+    )
+    row = _adapter_row(session, user_id, persona_id)
+    if row is None:
+        row = PersonaAdapter(persona_id=persona_id, user_id=user_id, **content.model_dump())
+    else:
+        for name, value in content.model_dump().items():
+            setattr(row, name, value)
+        # A replacement is a new adapter, so it is dated by this training, not the first.
+        row.created_at = utcnow()
+    session.add(row)
+    session.flush()
+    return PersonaAdapterPublic.model_validate(row)
+
+
+def get_persona_adapter(*, session: Session, user_id: int, persona_id: int) -> PersonaAdapterPublic | None:
+    """The persona's adapter record, or None."""
+    row = _adapter_row(session, user_id, persona_id)
+    return None if row is None else PersonaAdapterPublic.model_validate(row)
+
+
+def delete_persona_adapter(*, session: Session, user_id: int, persona_id: int) -> bool:
+    """Forget the persona's adapter record (the caller removes the files)."""
+    row = _adapter_row(session, user_id, persona_id)
+    if row is None:
+        return False
+    session.delete(row)
+    session.flush()
+    return True
+
+
+def list_persona_adapters(*, session: Session, user_id: int) -> list[PersonaAdapterPublic]:
+    """The user's adapter records, oldest first; the folders not among them are orphans."""
+    rows = session.exec(
+        select(PersonaAdapter).where(PersonaAdapter.user_id == user_id).order_by(col(PersonaAdapter.id))
+    )
+    return [PersonaAdapterPublic.model_validate(r) for r in rows]
 
 
 # --- preference events -----------------------------------------------------------

@@ -140,6 +140,28 @@ def m002_memory_learning_studio(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+@migration
+def m003_persona_adapters(conn: sqlite3.Connection) -> None:
+    # A persona's own DPO adapter, trained from its pairwise choices. One per persona:
+    # retraining replaces the row, and the adapter goes when its persona does.
+    conn.execute(
+        """CREATE TABLE persona_adapters (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            persona_id INTEGER NOT NULL UNIQUE REFERENCES personas(id) ON DELETE CASCADE,
+            user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            path TEXT NOT NULL,
+            model TEXT NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('pba', 'raw')),
+            pairs INTEGER NOT NULL,
+            steps INTEGER NOT NULL,
+            probe_pairs INTEGER NOT NULL,
+            accuracy_before REAL,
+            accuracy_after REAL,
+            created_at TEXT NOT NULL
+        )"""
+    )
+
+
 def applied_migrations(conn: sqlite3.Connection) -> list[str]:
     """Names of the migrations recorded in ``conn``'s database, in the order applied."""
     return [name for (name,) in conn.execute("SELECT name FROM _migrations ORDER BY rowid")]

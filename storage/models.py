@@ -331,3 +331,39 @@ class StudioRunPublic(StudioRunBase):
     id: int
     user_id: int
     created_at: datetime
+
+
+# --- persona adapters ----------------------------------------------------------
+
+
+class PersonaAdapterBase(SQLModel):
+    """Where a persona's own DPO adapter is saved, what it was trained on and how it probed."""
+
+    # Relative to the adapters folder, so the data folder can move without breaking rows.
+    path: str = Field(min_length=1)
+    model: str = Field(min_length=1)
+    kind: Literal["pba", "raw"] = Field(sa_type=Text)
+    pairs: int = Field(ge=0)
+    steps: int = Field(ge=0)
+    probe_pairs: int = Field(ge=0)
+    # Share of held-out probe pairs the model prefers correctly, before and after training;
+    # None when there were too few pairs to probe.
+    accuracy_before: float | None = Field(default=None, ge=0, le=1)
+    accuracy_after: float | None = Field(default=None, ge=0, le=1)
+
+
+class PersonaAdapter(PersonaAdapterBase, table=True):
+    __tablename__ = "persona_adapters"
+    id: int | None = Field(default=None, primary_key=True)
+    persona_id: int = Field(foreign_key="personas.id", ondelete="CASCADE", unique=True)
+    user_id: int = _owner()
+    created_at: datetime = _timestamp()
+
+
+class PersonaAdapterPublic(PersonaAdapterBase):
+    """The one trained adapter of a persona; the files themselves live outside the database."""
+
+    id: int
+    persona_id: int
+    user_id: int
+    created_at: datetime

@@ -18,8 +18,8 @@ from storage import NotFound, UserPublic
 
 @dataclass
 class Owned:
-    """One user's rows: a persona with two versions, a conversation with a saved memory,
-    a rated message kept as a preference event, and a saved studio run."""
+    """One user's rows: a persona with two versions and a trained adapter, a conversation
+    with a saved memory, a rated message kept as a preference event, and a saved studio run."""
 
     user: UserPublic
     persona: storage.PersonaPublic
@@ -30,6 +30,7 @@ class Owned:
     snapshot: storage.MemorySnapshotPublic
     event: storage.PreferenceEventPublic
     run: storage.StudioRunPublic
+    adapter: storage.PersonaAdapterPublic
 
 
 def _populate(session: Session, user: UserPublic) -> Owned:
@@ -51,7 +52,11 @@ def _populate(session: Session, user: UserPublic) -> Owned:
         message_id=message.id,
     )
     run = storage.save_studio_run(session=session, user_id=user.id, kind="sweep", title="t", data={"x": 1})
-    return Owned(user, persona, first, conversation, message, feedback, snapshot, event, run)
+    adapter = storage.set_persona_adapter(
+        session=session, user_id=user.id, persona_id=persona.id, path=f"{user.username}/a", model="m", kind="pba",
+        pairs=2, steps=1, probe_pairs=0,
+    )
+    return Owned(user, persona, first, conversation, message, feedback, snapshot, event, run, adapter)
 
 
 def _everything(session: Session, owner: Owned) -> tuple[Any, ...]:
@@ -65,6 +70,7 @@ def _everything(session: Session, owner: Owned) -> tuple[Any, ...]:
         storage.get_memory_snapshot(session=session, user_id=uid, conversation_id=conversation_id),
         storage.list_preference_events(session=session, user_id=uid, persona_id=owner.persona.id),
         storage.list_studio_runs(session=session, user_id=uid),
+        storage.get_persona_adapter(session=session, user_id=uid, persona_id=owner.persona.id),
     )
 
 
@@ -93,6 +99,9 @@ READS: dict[str, Case] = {
         session=s, user_id=b.user.id, conversation_id=a.conversation.id
     ),
     "get_studio_run": lambda s, a, b: storage.get_studio_run(session=s, user_id=b.user.id, run_id=a.run.id),
+    "get_persona_adapter": lambda s, a, b: storage.get_persona_adapter(
+        session=s, user_id=b.user.id, persona_id=a.persona.id
+    ),
 }
 
 LISTS: dict[str, Case] = {
@@ -112,6 +121,7 @@ LISTS: dict[str, Case] = {
         session=s, user_id=b.user.id, persona_id=a.persona.id
     ),
     "list_studio_runs": lambda s, a, b: storage.list_studio_runs(session=s, user_id=b.user.id),
+    "list_persona_adapters": lambda s, a, b: storage.list_persona_adapters(session=s, user_id=b.user.id),
 }
 
 DELETES: dict[str, Case] = {
@@ -124,6 +134,9 @@ DELETES: dict[str, Case] = {
         session=s, user_id=b.user.id, conversation_id=a.conversation.id
     ),
     "delete_studio_run": lambda s, a, b: storage.delete_studio_run(session=s, user_id=b.user.id, run_id=a.run.id),
+    "delete_persona_adapter": lambda s, a, b: storage.delete_persona_adapter(
+        session=s, user_id=b.user.id, persona_id=a.persona.id
+    ),
 }
 
 WRITES: dict[str, Case] = {
@@ -181,6 +194,10 @@ WRITES: dict[str, Case] = {
     "add_preference_event/own-persona-their-message": lambda s, a, b: storage.add_preference_event(
         session=s, user_id=b.user.id, persona_id=b.persona.id, kind="thumb", prompt="q", chosen="x",
         message_id=a.message.id,
+    ),
+    "set_persona_adapter": lambda s, a, b: storage.set_persona_adapter(
+        session=s, user_id=b.user.id, persona_id=a.persona.id, path="x", model="m", kind="raw", pairs=1, steps=1,
+        probe_pairs=0,
     ),
 }
 
@@ -260,7 +277,9 @@ def test_created_rows_belong_only_to_their_creator(session: Session, a: Owned, b
 
 def test_each_user_sees_exactly_their_own_rows(session: Session, a: Owned, b: Owned) -> None:
     for owner in (a, b):
-        personas, versions, conversations, messages, feedback, snapshot, events, runs = _everything(session, owner)
+        personas, versions, conversations, messages, feedback, snapshot, events, runs, adapter = _everything(
+            session, owner
+        )
         assert [p.id for p in personas] == [owner.persona.id]
         assert {v.persona_id for v in versions} == {owner.persona.id} and len(versions) == 2
         assert [c.id for c in conversations] == [owner.conversation.id]
@@ -269,6 +288,7 @@ def test_each_user_sees_exactly_their_own_rows(session: Session, a: Owned, b: Ow
         assert snapshot == owner.snapshot
         assert events == [owner.event]
         assert runs == [owner.run]
+        assert adapter == owner.adapter
 
 
 def test_not_found_reads_the_same_as_a_missing_row(session: Session, a: Owned, b: Owned) -> None:
