@@ -1,8 +1,8 @@
 """The chat service: conversations, aligned replies streamed from the shared model, feedback.
 
 A reply is built from the stored history, the chosen persona version and the alignment
-mode through the pure prompt builders, streamed from the engine, and stored with the exact
-prompt the model received. The user's message is stored before generation starts and a
+mode through the pure prompt builders, streamed from the engine (with the persona's tuned
+adapter, when it has one), and stored with the exact prompt the model received. The user's message is stored before generation starts and a
 stopped reply is stored as far as it got, so nothing typed or generated is lost.
 It knows no UI and no SQL; the engine owns the model and its lock.
 """
@@ -13,6 +13,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 import storage
 from personalign.accounts import AccountService
@@ -22,6 +23,7 @@ from personalign.generation import GenerationConfig
 from personalign.memory import MemoryMeter, MemoryPolicy
 from personalign.memory_store import MemoryStore, Position, Turns
 from personalign.persona import Persona
+from personalign.persona_tuning import TuningService
 from personalign.personas import PersonaService
 from personalign.prompts import Message, Mode, build_messages
 from personalign.stops import UserStops
@@ -74,12 +76,13 @@ class ChatService:
     """Chat operations for one signed-in user at a time, over one shared engine."""
 
     def __init__(self, db: storage.Database, engine: Engine, accounts: AccountService, personas: PersonaService,
-                 memories: MemoryStore) -> None:
+                 memories: MemoryStore, tuning: TuningService | None = None) -> None:
         self._db = db
         self._engine = engine
         self._accounts = accounts
         self._personas = personas
         self._memories = memories
+        self._tuning = tuning
         self._stops = UserStops()
 
     # Conversations -------------------------------------------------------------------------
@@ -203,7 +206,8 @@ class ChatService:
         history = [_message(t) for t in stored[:-2]]
         messages, _ = self._messages(user, history, stored[-2].content, persona_id, Mode(mode),
                                      generation.max_new_tokens)
-        return self._engine.stream(messages, generation, stop_event=self._stops.register(user))
+        return self._engine.stream(messages, generation, stop_event=self._stops.register(user),
+                                   adapter=self._adapter(user, persona_id, Mode(mode)))
 
     def pick(self, user: str | None, conversation_id: int, *, alternative: str, keep_alternative: bool) -> None:
         """Settle a pick between the stored last answer and an alternative.
@@ -258,9 +262,10 @@ class ChatService:
         # The guidance baseline: the same (trimmed) chat with no persona framing or system prompt.
         plain = None if mode is Mode.NONE else [
             *[m for m in messages[:-1] if m["role"] != "system"], {"role": "user", "content": history[-1]["content"]}]
+        adapter = self._adapter(user, persona_id, mode)
         stop = self._stops.register(user)
-        tokens = self._engine.stream(messages, generation, stop_event=stop, unconditioned=plain)
-        return self._stream(user, conversation_id, tokens, tokens.prompt, version_id, mode, stop)
+        tokens = self._engine.stream(messages, generation, stop_event=stop, unconditioned=plain, adapter=adapter)
+        return self._stream(user, conversation_id, tokens, _shown(tokens.prompt, adapter), version_id, mode, stop)
 
     def _reply_from_memory(self, user, conversation_id, persona_id, mode, generation, policy,
                            stored: list[ChatTurn]) -> Iterator[ReplyUpdate]:
@@ -272,21 +277,24 @@ class ChatService:
         messages = build_messages(mode, persona, [], stored[-1].content)
         earlier = stored[:-1]
         at = Position(len(earlier), earlier[-1].id if earlier else None)
-        return self._memory_stream(user, conversation_id, policy, at, stored, messages, version_id, mode, generation)
+        adapter = self._adapter(user, persona_id, mode)
+        return self._memory_stream(user, conversation_id, policy, at, stored, messages, version_id, mode, generation,
+                                   adapter)
 
     def _memory_stream(self, user, conversation_id, policy, at, stored, messages, version_id, mode,
-                       generation) -> Iterator[ReplyUpdate]:
+                       generation, adapter) -> Iterator[ReplyUpdate]:
         user_id = self._accounts.user_id(user)
         stop = self._stops.register(user)
         try:
-            memory = yield from self._acquire(user, conversation_id, policy, at, stored[:-1], stop)
+            memory = yield from self._acquire(user, conversation_id, policy, at, stored[:-1], stop, adapter)
             if memory is None:  # stopped while rebuilding: nothing generated, nothing lost
                 yield ReplyUpdate(conversation_id, "", "", done=True, stopped=True)
                 return
             self._memories.begin(user_id, conversation_id, memory)
-            tokens = self._engine.stream_turn(memory, messages, generation, stop_event=stop)
+            tokens = self._engine.stream_turn(memory, messages, generation, stop_event=stop, adapter=adapter)
             # Read before the first token: generation has not started, so the count is the earlier turns'.
-            prompt = f"[{policy.value} memory: {memory.cached_tokens():,} cached tokens, then]\n{tokens.prompt}"
+            prompt = _shown(f"[{policy.value} memory: {memory.cached_tokens():,} cached tokens, then]\n{tokens.prompt}",
+                            adapter)
         except BaseException:
             self._stops.release(user, stop)
             raise
@@ -297,10 +305,10 @@ class ChatService:
 
         yield from self._stream(user, conversation_id, tokens, prompt, version_id, mode, stop, after_store=commit)
 
-    def _acquire(self, user, conversation_id, policy, at, earlier, stop):
+    def _acquire(self, user, conversation_id, policy, at, earlier, stop, adapter):
         """The memory at ``at``, yielding progress updates while it has to be rebuilt; None if stopped."""
         acquiring = self._memories.acquire(self._accounts.user_id(user), conversation_id, policy, at,
-                                           lambda: self._replay(user, earlier))
+                                           lambda: self._replay(user, earlier), adapter)
         while True:
             try:
                 done, total = next(acquiring)
@@ -368,6 +376,9 @@ class ChatService:
     def _history(self, user: str | None, conversation_id: int) -> list[Message]:
         return [_message(t) for t in self.turns(user, conversation_id)]
 
+    def _adapter(self, user: str | None, persona_id: int | None, mode: Mode) -> Path | None:
+        return None if self._tuning is None else self._tuning.adapter_for(user, persona_id, mode)
+
     def _persona(self, user: str | None, persona_id: int | None, mode: Mode) -> tuple[Persona | None, int | None]:
         """The persona (and its current version id) a mode needs; (None, None) for plain chat."""
         if mode is Mode.NONE:
@@ -399,6 +410,11 @@ def check_message(text: str, what: str = "message") -> str:
     if len(text) > MAX_MESSAGE_CHARS:
         raise UserError(f"That {what} is {len(text):,} characters; the limit is {MAX_MESSAGE_CHARS:,}.")
     return text
+
+
+def _shown(prompt: str, adapter: Path | None) -> str:
+    """The prompt as the chat shows it, noting when the persona's tuned adapter answered."""
+    return prompt if adapter is None else f"[the persona's tuned adapter answers]\n{prompt}"
 
 
 def _title(text: str) -> str:

@@ -15,10 +15,12 @@ import time
 from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from personalign.adapter_slot import AdapterSlot, weights_name
 from personalign.errors import UserError
 from personalign.generation import GenerationConfig, TextAccumulator, generate_tokens
 from personalign.memory import (
@@ -84,6 +86,7 @@ class Engine:
         # A plain Lock, not an RLock: servers such as Gradio may advance one stream
         # from different worker threads, and only a Lock may be released by another thread.
         self._lock = threading.Lock()
+        self._slot = AdapterSlot(loaded)  # a persona's own adapter, swapped in for its replies
 
     @property
     def busy(self) -> bool:
@@ -91,10 +94,21 @@ class Engine:
         return self._lock.locked()
 
     @contextmanager
-    def exclusive(self) -> Iterator[LoadedModel]:
-        """Hold the model for work other than a reply (scoring, labelling); replies wait meanwhile."""
+    def exclusive(self, adapter: Path | None = None) -> Iterator[LoadedModel]:
+        """Hold the model for work other than a reply (scoring, labelling, training); replies wait meanwhile.
+
+        The model is the base, or the base with a persona's ``adapter`` applied.
+        """
         with self._lock:
-            yield self.loaded
+            yield self._slot.use(adapter)
+
+    def weights_name(self, adapter: Path | None = None) -> str:
+        """The name of the weights a reply with ``adapter`` runs on; memories record it."""
+        return weights_name(self.loaded, adapter)
+
+    def adapter_support(self) -> str | None:
+        """Why this model cannot take persona adapters, or None when it can."""
+        return self._slot.supports_adapters()
 
     def info(self) -> dict[str, Any]:
         """Model facts for display: name, device, dtype, quantization, parameters, load_seconds."""
@@ -146,6 +160,7 @@ class Engine:
         *,
         stop_event: threading.Event | None = None,
         unconditioned: list[dict[str, Any]] | None = None,
+        adapter: Path | None = None,
     ) -> TokenStream:
         """The reply to ``messages``, as a ``TokenStream`` of its cumulative text and its stats.
 
@@ -156,6 +171,7 @@ class Engine:
         Raises ValueError if the prompt leaves no room in the model's context.
         With ``config.persona_strength > 0``, ``unconditioned`` (the same conversation without
         the persona) is the guidance baseline: both prompts decode as two rows of one batch.
+        ``adapter``: a persona's own LoRA folder to answer with (both rows, under guidance).
         """
         prompt = self.render(messages)
         ids = self._tokenize(prompt)
@@ -168,7 +184,8 @@ class Engine:
             )
         if config.max_new_tokens > room:
             config = dataclasses.replace(config, max_new_tokens=room)
-        return TokenStream(prompt, lambda out: self._generate(out, ids, config, stop_event, unconditioned_ids=plain))
+        return TokenStream(prompt, lambda out: self._generate(out, ids, config, stop_event, adapter,
+                                                              unconditioned_ids=plain))
 
     def stream_turn(
         self,
@@ -177,13 +194,17 @@ class Engine:
         config: GenerationConfig,
         *,
         stop_event: threading.Event | None = None,
+        adapter: Path | None = None,
     ) -> TokenStream:
         """Like ``stream``, but reading only the new turn on top of a streaming ``memory``.
 
         ``messages`` are the turn's prompt messages (a system message, if any, then the new
         user message); the memory already holds every earlier turn. The reply is closed into
-        the memory when the stream ends, however it ends.
+        the memory when the stream ends, however it ends. ``memory`` must have been made
+        under the same ``adapter``: its ``model_name`` is ``weights_name(adapter)``.
         """
+        if memory.model_name != self.weights_name(adapter):
+            raise ValueError(f"this memory was made on {memory.model_name}, not {self.weights_name(adapter)}")
         ids, prompt = memory.turn_prompt(self.loaded, messages)
         room = self.max_context() - memory.cached_tokens() - len(ids)
         if room < 1:
@@ -193,26 +214,26 @@ class Engine:
             )
         if config.max_new_tokens > room:
             config = dataclasses.replace(config, max_new_tokens=room)
-        return TokenStream(prompt, lambda out: self._generate(out, ids, config, stop_event, memory=memory,
+        return TokenStream(prompt, lambda out: self._generate(out, ids, config, stop_event, adapter, memory=memory,
                                                               messages=messages))
 
     def rebuild_memory(
-        self, policy: MemoryPolicy | str, turns: list[tuple[list[Message], str]]
+        self, policy: MemoryPolicy | str, turns: list[tuple[list[Message], str]], adapter: Path | None = None
     ) -> Generator[tuple[int, int], None, ConversationMemory]:
         """Replay stored turns into a fresh streaming memory, yielding (turns done, total).
 
         Holds the lock throughout, as it runs the model; exhaust or ``close()`` the iterator.
         """
-        with self.exclusive() as loaded:
+        with self.exclusive(adapter) as loaded:
             return (yield from replay(loaded, policy, turns))
 
-    def empty_memory(self, policy: MemoryPolicy | str) -> ConversationMemory:
-        return ConversationMemory.empty(policy, self.loaded)
+    def empty_memory(self, policy: MemoryPolicy | str, adapter: Path | None = None) -> ConversationMemory:
+        return ConversationMemory.empty(policy, self._slot.view(adapter))
 
-    def load_memory(self, path: Any, policy: MemoryPolicy | str) -> ConversationMemory:
-        """A saved memory for this engine's model; ``MemoryFileError`` when it does not fit."""
-        with self.exclusive() as loaded:  # moving tensors onto the device while a reply runs would contend
-            return ConversationMemory.load(path, loaded, policy)
+    def load_memory(self, path: Any, policy: MemoryPolicy | str, adapter: Path | None = None) -> ConversationMemory:
+        """A saved memory for these weights; ``MemoryFileError`` when it does not fit."""
+        with self._lock:  # moving tensors onto the device while a reply runs would contend
+            return ConversationMemory.load(path, self._slot.view(adapter), policy)
 
     def dense_meter(self, tokens: int) -> MemoryMeter:
         return dense_meter(self.loaded, tokens)
@@ -223,6 +244,7 @@ class Engine:
         ids: list[int],
         config: GenerationConfig,
         stop_event: threading.Event | None,
+        adapter: Path | None,
         *,
         memory: ConversationMemory | None = None,
         messages: list[Message] | None = None,
@@ -234,7 +256,11 @@ class Engine:
         while not self._lock.acquire(timeout=0.05):
             if should_stop is not None and should_stop():
                 return None
-        loaded = self.loaded
+        try:
+            loaded = self._slot.use(adapter)
+        except BaseException:
+            self._lock.release()
+            raise
         start = time.perf_counter()
         first_token_at = start
         new_tokens = 0

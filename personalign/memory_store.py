@@ -3,9 +3,10 @@
 After every turn the memory is written to ``<root>/<user id>/<conversation id>.pt`` and
 recorded in the database with the stored message it ends at, so reopening a long chat
 resumes from the file instead of re-reading the history. A memory is used only when it
-ends exactly at the conversation's last stored message before the new one; otherwise (a
-missing, damaged or stale file, a changed policy or model) it is rebuilt from the stored
-messages, which are the source of truth: nothing is lost, it only costs time.
+ends exactly at the conversation's last stored message before the new one and was made on
+the same weights (model and persona adapter); otherwise (a missing, damaged or stale file,
+a changed policy, model or adapter) it is rebuilt from the stored messages, which are the
+source of truth: nothing is lost, it only costs time.
 
 It knows storage's typed functions and the engine; it knows nothing of prompts or the UI.
 """
@@ -68,27 +69,31 @@ class MemoryStore:
         return f"{user_id}/{conversation_id}.pt"
 
     def acquire(
-        self, user_id: int, conversation_id: int, policy: MemoryPolicy, at: Position, turns: Callable[[], Turns]
+        self, user_id: int, conversation_id: int, policy: MemoryPolicy, at: Position, turns: Callable[[], Turns],
+        adapter: Path | None = None,
     ) -> Generator[tuple[int, int], None, ConversationMemory]:
-        """The memory covering exactly the messages at ``at``: from RAM, from its file, or rebuilt.
+        """The memory covering exactly the messages at ``at`` on the weights with ``adapter``:
+        from RAM, from its file, or rebuilt.
 
         Yields (turns replayed, total) while rebuilding; ``turns`` gives the stored turns then.
         """
         key = (user_id, conversation_id)
+        weights = self._engine.weights_name(adapter)
         with self._lock:
             current, previous = self._live.pop(key, (None, None))
         for candidate in (current, previous):
-            if candidate is not None and candidate.policy is policy and at.of(candidate):
+            if (candidate is not None and candidate.policy is policy and candidate.model_name == weights
+                    and at.of(candidate)):
                 return candidate if candidate is current else copy.deepcopy(candidate)
-        memory = self._from_file(user_id, conversation_id, policy, at)
+        memory = self._from_file(user_id, conversation_id, policy, at, adapter)
         if memory is not None:
             return memory
         if at.message_count == 0:
-            memory = self._engine.empty_memory(policy)
+            memory = self._engine.empty_memory(policy, adapter)
         else:
-            log.info("rebuilding the %s memory of conversation %s from %d messages", policy.value, conversation_id,
-                     at.message_count)
-            memory = yield from self._engine.rebuild_memory(policy, turns())
+            log.info("rebuilding the %s memory of conversation %s from %d messages on %s", policy.value,
+                     conversation_id, at.message_count, weights)
+            memory = yield from self._engine.rebuild_memory(policy, turns(), adapter)
         memory.message_count, memory.last_message_id = at.message_count, at.last_message_id
         return memory
 
@@ -128,17 +133,17 @@ class MemoryStore:
             storage.delete_memory_snapshot(session=s, user_id=user_id, conversation_id=conversation_id)
 
     def _from_file(self, user_id: int, conversation_id: int, policy: MemoryPolicy,
-                   at: Position) -> ConversationMemory | None:
+                   at: Position, adapter: Path | None) -> ConversationMemory | None:
         with self._db.session() as s:
             record = storage.get_memory_snapshot(session=s, user_id=user_id, conversation_id=conversation_id)
         if record is None:
             return None
-        stale = (record.policy != policy.value or record.message_count != at.message_count
-                 or record.last_message_id != (at.last_message_id or 0))
+        stale = (record.policy != policy.value or record.model != self._engine.weights_name(adapter)
+                 or record.message_count != at.message_count or record.last_message_id != (at.last_message_id or 0))
         if stale:
             return None
         try:
-            memory = self._engine.load_memory(self.root / record.path, policy)
+            memory = self._engine.load_memory(self.root / record.path, policy, adapter)
         except MemoryFileError as exc:
             log.warning("conversation %s: %s; rebuilding from the stored messages", conversation_id, exc)
             return None

@@ -222,7 +222,7 @@ def find_eou_token_id(tokenizer: Any) -> int | None:
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": "x"}, {"role": "assistant", "content": _PROBE_REPLY}], tokenize=False
         )
-    except Exception:  # templates may raise on the probe; the EOS fallback is still sound
+    except Exception:  # noqa: BLE001 -- templates may raise on the probe; the EOS fallback is still sound
         text = ""
     end = text.rfind(_PROBE_REPLY)
     if end >= 0:
@@ -341,6 +341,13 @@ def _check_adapter_base(path: Path, meta: dict[str, Any], loaded: LoadedModel) -
         )
 
 
+def check_adapter_fits(loaded: LoadedModel, path: Path | str) -> Path:
+    """``path`` as a Path if it holds an adapter whose metadata fits ``loaded``, else ``ModelLoadError``."""
+    path = check_adapter_folder(path)
+    _check_adapter_base(path, _read_adapter_metadata(path), loaded)
+    return path
+
+
 def apply_adapter(loaded: LoadedModel, path: Path | str) -> LoadedModel:
     """Apply the LoRA adapter in ``path`` to ``loaded``'s model and return the adapted ``LoadedModel``.
 
@@ -350,8 +357,7 @@ def apply_adapter(loaded: LoadedModel, path: Path | str) -> LoadedModel:
     """
     from peft import PeftModel
 
-    path = check_adapter_folder(path)
-    _check_adapter_base(path, _read_adapter_metadata(path), loaded)
+    path = check_adapter_fits(loaded, path)
     try:
         with warnings.catch_warnings():  # peft probes a deprecated transformers property on every wrap
             warnings.simplefilter("ignore", FutureWarning)

@@ -21,9 +21,10 @@ from personalign.accounts import AccountService
 from personalign.embeddings import Embedder, default_embedder
 from personalign.engine import Engine
 from personalign.errors import NotFoundError, UserError, user_errors
-from personalign.persona import from_record, to_record
+from personalign.persona import Persona, from_record, to_record
 from personalign.personas import PersonaService, PersonaState
 from personalign.profile_inference import (
+    BehaviourItem,
     EmbeddingInferrer,
     ModelInferrer,
     ProfileInference,
@@ -56,6 +57,36 @@ class Proposal:
     @property
     def item_count(self) -> int:
         return self.inference.item_count
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """What a persona has shown of itself: its own items, then the chat's it consented to keep."""
+
+    row: storage.PersonaPublic
+    persona: Persona  # the current version
+    items: tuple[BehaviourItem, ...]  # without repeats
+    chat_items: int  # how many of them came from chat ratings and picks
+
+    def hint(self) -> str:
+        """How to give the persona more behaviour, for a message that says it has too little."""
+        more = "add posts (UGC) or pairwise choices to " + self.row.name
+        return more if self.row.learn_from_chat else more + ", or turn on learning from your ratings and rate answers in chat"
+
+
+def gather_behaviour(db: storage.Database, user_id: int, persona_id: int) -> Behaviour:
+    """The persona's behaviour now; ``NotFoundError`` when it is not the user's."""
+    with db.session() as s:
+        row = storage.get_persona(session=s, user_id=user_id, persona_id=persona_id)
+        if row is None:
+            raise NotFoundError(f"Persona {persona_id} was not found.")
+        # Chat ratings count only while the user consents to learning from them.
+        events = storage.list_preference_events(session=s, user_id=user_id, persona_id=persona_id) \
+            if row.learn_from_chat else []
+    persona = from_record(row.data)
+    own = items_from_persona(persona)
+    items = unique_items([*own, *items_from_events(events)])
+    return Behaviour(row, persona, tuple(items), len(items) - len(unique_items(own)))
 
 
 class ProfileService:
@@ -94,28 +125,14 @@ class ProfileService:
         inferrer = self._inferrers.get(method)
         if inferrer is None:
             raise UserError("Inference with the chat model needs the model, and this app runs without one.")
-        user_id = self._accounts.user_id(user)
-        with self._db.session() as s:
-            row = storage.get_persona(session=s, user_id=user_id, persona_id=persona_id)
-            if row is None:
-                raise NotFoundError(f"Persona {persona_id} was not found.")
-            # Chat ratings count only while the user consents to learning from them.
-            events = (
-                storage.list_preference_events(session=s, user_id=user_id, persona_id=persona_id)
-                if row.learn_from_chat
-                else []
-            )
-        persona = from_record(row.data)
-        own = items_from_persona(persona)
-        items = unique_items([*own, *items_from_events(events)])
-        if not items:
-            hint = "" if row.learn_from_chat else ", or turn on learning from your ratings and rate answers in chat"
-            raise UserError(
-                f"There is no behaviour to learn from yet: add posts (UGC) or pairwise choices to {row.name}{hint}."
-            )
-        inference = inferrer.infer(items, progress)
-        changes = tuple(propose_changes(persona.direction, inference))
-        logger.info("inferred %d changes for persona %d from %d items (%s)", len(changes), persona_id, len(items), method)
+        behaviour = gather_behaviour(self._db, self._accounts.user_id(user), persona_id)
+        if not behaviour.items:
+            raise UserError(f"There is no behaviour to learn from yet: {behaviour.hint()}.")
+        inference = inferrer.infer(list(behaviour.items), progress)
+        changes = tuple(propose_changes(behaviour.persona.direction, inference))
+        logger.info("inferred %d changes for persona %d from %d items (%s)", len(changes), persona_id,
+                    len(behaviour.items), method)
+        row = behaviour.row
         return Proposal(
             persona_id=row.id,
             base_version_id=row.current_version_id,
@@ -123,7 +140,7 @@ class ProfileService:
             method=method,
             inference=inference,
             changes=changes,
-            chat_items=len(items) - len(unique_items(own)),
+            chat_items=behaviour.chat_items,
         )
 
     def accept(self, user: str | None, persona_id: int, base_version_id: int, accepted: Sequence[int],

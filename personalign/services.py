@@ -14,6 +14,7 @@ from personalign.accounts import AccountService
 from personalign.chat import ChatService
 from personalign.engine import Engine
 from personalign.memory_store import MemoryStore
+from personalign.persona_tuning import TuningService
 from personalign.personas import PersonaService
 from personalign.profiling import ProfileService
 from personalign.studio import StudioService
@@ -27,6 +28,7 @@ class Services:
     model_info: dict[str, Any]
     studio: StudioService
     profiles: ProfileService
+    tuning: TuningService
 
 
 def build_services(db: storage.Database, engine: Engine) -> Services:
@@ -35,6 +37,7 @@ def build_services(db: storage.Database, engine: Engine) -> Services:
     personas = PersonaService(db, accounts)
     # Saved conversation memories sit beside the database, in the same data folder.
     memories = MemoryStore(db, engine, db.path.parent / "memory")
-    return Services(accounts, personas, ChatService(db, engine, accounts, personas, memories), engine.info(),
-                    studio=StudioService(db, accounts, personas, engine),
-                    profiles=ProfileService(db, accounts, personas, engine))
+    tuning = TuningService(db, accounts, engine, db.path.parent / "adapters")
+    return Services(accounts, personas, ChatService(db, engine, accounts, personas, memories, tuning), engine.info(),
+                    studio=StudioService(db, accounts, personas, engine, tuning),
+                    profiles=ProfileService(db, accounts, personas, engine), tuning=tuning)

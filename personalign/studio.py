@@ -30,6 +30,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import storage
@@ -40,6 +41,7 @@ from personalign.engine import Engine
 from personalign.errors import NotFoundError, UserError, user_errors
 from personalign.generation import MAX_PERSONA_STRENGTH, GenerationConfig
 from personalign.persona import Persona
+from personalign.persona_tuning import TuningService
 from personalign.personas import PersonaService
 from personalign.preference_space import DIMENSIONS, NEUTRAL, SIZE
 from personalign.prompts import Message, Mode, build_messages
@@ -94,7 +96,8 @@ class Setting:
     `overrides` sets some dimensions of the persona's direction for this answer only
     (index -> value in [0, 1]); a mapping is accepted and kept as sorted pairs. γ > 0
     applies classifier-free guidance with the persona as the condition, so it needs a
-    persona mode (ICA or PBA).
+    persona mode (ICA or PBA). `tuned` answers with the persona's tuned adapter when it has
+    one (``persona_tuning``); False asks the shared model, to show what tuning changed.
     """
 
     label: str
@@ -102,6 +105,7 @@ class Setting:
     mode: Mode = Mode.NONE
     overrides: tuple[tuple[int, float], ...] = ()
     persona_strength: float = 0.0
+    tuned: bool = True
 
     def __post_init__(self) -> None:
         try:
@@ -113,6 +117,7 @@ class Setting:
         object.__setattr__(self, "overrides", tuple(sorted(overrides.items())))
         object.__setattr__(self, "persona_strength", _check_strength(self.persona_strength))
         object.__setattr__(self, "label", (self.label or "").strip())
+        object.__setattr__(self, "tuned", bool(self.tuned))
         if self.persona_id is None and self.mode is not Mode.NONE:
             raise StudioError(f"{self.mode.label} needs a persona: pick one, or choose mode 'none'.")
         if self.persona_strength > 0 and self.mode is Mode.NONE:
@@ -127,6 +132,8 @@ class Setting:
             parts.append(f"persona {self.persona_id}")
         if self.persona_strength:
             parts.append(f"γ={self.persona_strength:g}")
+        if not self.tuned and self.mode is not Mode.NONE:
+            parts.append("untuned")
         parts.extend(f"dim {i}={v:g}" for i, v in self.overrides)
         return " · ".join(parts)
 
@@ -139,6 +146,7 @@ class Answer:
     text: str
     prompt: str
     attributes: dict[str, float] = field(default_factory=dict)
+    tuned: bool = False  # the persona's tuned adapter answered
 
 
 @dataclass(frozen=True)
@@ -202,6 +210,7 @@ class Sweep:
     persona_strength: float = 0.0
     projection_dimension: int | None = None
     cancelled: bool = False
+    tuned: bool = False  # the persona's tuned adapter answered
 
     @property
     def variable_label(self) -> str:
@@ -307,7 +316,7 @@ def _generation_from(data: Mapping[str, Any]) -> GenerationConfig:
 
 def _setting_data(s: Setting) -> dict[str, Any]:
     return {"label": s.label, "persona_id": s.persona_id, "mode": s.mode.value,
-            "overrides": [[i, v] for i, v in s.overrides], "persona_strength": s.persona_strength}
+            "overrides": [[i, v] for i, v in s.overrides], "persona_strength": s.persona_strength, "tuned": s.tuned}
 
 
 def to_data(result: Result) -> dict[str, Any]:
@@ -318,8 +327,8 @@ def to_data(result: Result) -> dict[str, Any]:
             "question": result.question,
             "generation": _generation_data(result.generation),
             "settings": [_setting_data(s) for s in result.settings],
-            "answers": [{"label": a.label, "text": a.text, "prompt": a.prompt, "attributes": dict(a.attributes)}
-                        for a in result.answers],
+            "answers": [{"label": a.label, "text": a.text, "prompt": a.prompt, "attributes": dict(a.attributes),
+                         "tuned": a.tuned} for a in result.answers],
             "cancelled": result.cancelled,
             "similarities": result.similarities,
         }
@@ -341,6 +350,7 @@ def to_data(result: Result) -> dict[str, Any]:
             "generation": _generation_data(result.generation),
             "points": [asdict(p) for p in result.points],
             "cancelled": result.cancelled,
+            "tuned": result.tuned,
             "means": result.means,
             "rho": result.rho,
         }
@@ -357,8 +367,8 @@ def from_data(data: Any) -> Result:
                 generation=_generation_from(data["generation"]),
                 settings=tuple(Setting(s["label"], s["persona_id"], s["mode"],
                                        tuple((int(i), float(v)) for i, v in s["overrides"]),
-                                       s["persona_strength"]) for s in data["settings"]),
-                answers=tuple(Answer(a["label"], a["text"], a["prompt"], dict(a["attributes"]))
+                                       s["persona_strength"], s.get("tuned", True)) for s in data["settings"]),
+                answers=tuple(Answer(a["label"], a["text"], a["prompt"], dict(a["attributes"]), bool(a.get("tuned")))
                               for a in data["answers"]),
                 cancelled=bool(data["cancelled"]),
             )
@@ -379,6 +389,7 @@ def from_data(data: Any) -> Result:
                 persona_strength=float(data["persona_strength"]),
                 projection_dimension=data["projection_dimension"],
                 cancelled=bool(data["cancelled"]),
+                tuned=bool(data.get("tuned")),  # absent from results saved before tuning existed
             )
     except (KeyError, TypeError, ValueError) as err:
         raise StudioError(f"This is not a readable studio result: {err}") from err
@@ -499,11 +510,12 @@ class StudioService:
     """
 
     def __init__(self, db: storage.Database, accounts: AccountService, personas: PersonaService, engine: Engine,
-                 *, embedder: Any = None) -> None:
+                 tuning: TuningService | None = None, *, embedder: Any = None) -> None:
         self._db = db
         self._accounts = accounts
         self._personas = personas
         self._engine = engine
+        self._tuning = tuning
         self._embedder = embedder
         self._embedder_lock = threading.Lock()
         self._stops = UserStops()
@@ -535,10 +547,11 @@ class StudioService:
                 if persona is not None and s.overrides:
                     persona = persona.with_values(dict(s.overrides))
                 messages = build_messages(s.mode, persona, [], question)
-                text = self._answer(messages, question, generation, s.persona_strength, stop)
+                adapter = self._adapter(user, s.persona_id, s.mode) if s.tuned else None
+                text = self._answer(messages, question, generation, s.persona_strength, stop, adapter)
                 if text is None:
                     break
-                answers.append(Answer(s.label, text, self._engine.render(messages), measure(text)))
+                answers.append(Answer(s.label, text, self._engine.render(messages), measure(text), adapter is not None))
         finally:
             self._stops.release(user, stop)
         _report(progress, len(answers), len(settings), "Done")
@@ -571,6 +584,7 @@ class StudioService:
         # PBA renders a slider in three states (pole, other pole, left out), so several values
         # often give the same prompt; with the same seed that is the same answer, so it is reused.
         answered: dict[tuple, str] = {}
+        adapter = self._adapter(user, persona_id, mode)
         stop = self._stops.register(user, stop_event)
         try:
             for value in values:
@@ -585,7 +599,8 @@ class StudioService:
                     key = (tuple((m["role"], m["content"]) for m in messages), seed, strength)
                     text = None if stop.is_set() else answered.get(key)
                     if text is None:
-                        text = self._answer(messages, question, replace(generation, seed=seed), strength, stop)
+                        text = self._answer(messages, question, replace(generation, seed=seed), strength, stop,
+                                            adapter)
                     if text is None:
                         break
                     answered[key] = text
@@ -597,7 +612,7 @@ class StudioService:
         _report(progress, len(points), total, "Done")
         return Sweep(question, state.id, state.name, mode, variable, values, attribute, samples, generation,
                      tuple(points), persona_strength if variable != PERSONA_STRENGTH else 0.0, projection_dimension,
-                     cancelled=len(points) < total)
+                     cancelled=len(points) < total, tuned=adapter is not None)
 
     def stop(self, user: str | None) -> None:
         """Stop the user's comparison or sweep in progress, if any, before its next answer."""
@@ -651,8 +666,11 @@ class StudioService:
 
     # Internals -----------------------------------------------------------------------------
 
+    def _adapter(self, user: str | None, persona_id: int | None, mode: Mode) -> Path | None:
+        return None if self._tuning is None else self._tuning.adapter_for(user, persona_id, mode)
+
     def _answer(self, messages: list[Message], question: str, generation: GenerationConfig, strength: float,
-                stop: threading.Event) -> str | None:
+                stop: threading.Event, adapter: Path | None = None) -> str | None:
         """The whole answer to `messages`, or None if stopped before it was complete."""
         if stop.is_set():
             return None
@@ -660,7 +678,7 @@ class StudioService:
         plain = build_messages(Mode.NONE, None, [], question) if strength > 0 else None
         with user_errors():  # a prompt too long for the model's context is the user's to fix
             tokens = self._engine.stream(messages, replace(generation, persona_strength=strength), stop_event=stop,
-                                         unconditioned=plain)
+                                         unconditioned=plain, adapter=adapter)
         text = ""
         try:
             for text in tokens:  # cumulative text: the last one is the whole answer

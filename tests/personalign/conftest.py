@@ -10,5 +10,9 @@ from personalign.services import Services, build_services
 @pytest.fixture
 def services(tmp_path, tiny_llm) -> Services:
     db = storage.Database.open(tmp_path / "personalign.db")
-    yield build_services(db, Engine(tiny_llm))
+    engine = Engine(tiny_llm)
+    yield build_services(db, engine)
+    # The model is shared by the session: take off any persona adapter the test left applied.
+    with engine.exclusive():
+        pass
     db.close()
