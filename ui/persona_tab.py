@@ -1,6 +1,6 @@
 """The Persona tab: sliders over the 90 dimensions, demographics, UGC and pairwise editors,
-versions, presets, import and export, and slider changes inferred from behaviour.
-Wiring only: every handler calls the persona or profile service.
+versions, presets, import and export, slider changes inferred from behaviour, and tuning
+the model to the persona. Wiring only: every handler calls the persona, profile or tuning service.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pathlib import Path
 import gradio as gr
 
 from personalign.persona import PairwiseItem, Persona, UGCItem
+from personalign.persona_tuning import TuningState
 from personalign.personas import PersonaState
 from personalign.preference_space import DIMENSIONS, GROUPS, NEUTRAL
 from personalign.presets import PRESETS
@@ -27,6 +28,33 @@ INFER_HELP = ("Reads this persona's saved posts (UGC) and pairwise choices, and 
               "is on, and proposes slider changes. Nothing changes until you accept some.")
 LEARN_INFO = ("When on, each thumbs-up, thumbs-down or pick of the better answer in a chat with this persona is kept "
               "with it (your question and the rated answers) as behaviour to infer from; when off, nothing new is kept.")
+
+
+TUNE_HELP = ("Trains a small adapter of the chat model on this persona's saved pairwise choices (and its picks "
+             "of the better answer in chat, if learning is on). Chats and studio answers with this persona in ICA or "
+             "PBA mode then use it. On a CPU this takes a few minutes, and other replies wait meanwhile.")
+
+
+def tuning_markdown(state: TuningState | None) -> str:
+    """What the tuning section says about a persona: its adapter, and whether it can be tuned now."""
+    if state is None:
+        return "Save the persona first; tuning reads its saved choices."
+    have = f"{state.pairs} pairwise choice{'s' if state.pairs != 1 else ''} saved"
+    if state.unavailable is not None:
+        return f"Tuning is not available: {state.unavailable}."
+    adapter = state.adapter
+    if adapter is None:
+        need = "" if state.can_tune else f"; tuning needs at least {state.min_pairs}"
+        return f"**Not tuned**: replies use the shared model. {have}{need}."
+    probe = ""
+    if adapter.accuracy_before is not None and adapter.accuracy_after is not None:
+        probe = (f"; on {adapter.probe_pairs} held-back choices it preferred the chosen answer "
+                 f"{adapter.accuracy_before:.0%} → {adapter.accuracy_after:.0%} of the time")
+    head = (f"**Tuned** {adapter.created_at:%Y-%m-%d %H:%M} on {adapter.pairs} choices "
+            f"({adapter.steps} training steps{probe}).")
+    if adapter.problem is not None:
+        return f"{head} **Not in use:** {adapter.problem}. {have}."
+    return f"{head} Replies with this persona in ICA or PBA use it. {have} now."
 
 
 def _rows(table, width: int) -> list[list[str]]:
@@ -141,6 +169,12 @@ class PersonaTab:
                 self.accept = gr.Button("Accept selected", variant="primary", elem_id="accept-proposals")
                 self.reject = gr.Button("Reject all", elem_id="reject-proposals")
         self.proposal = gr.State(None)  # the shown Proposal: plain numbers and texts, no tensors
+        with gr.Accordion("Tune the model to this persona", open=False, elem_id="tune-section"):
+            gr.Markdown(TUNE_HELP)
+            self.tuning = gr.Markdown(tuning_markdown(None), elem_id="tuning-status")
+            with gr.Row():
+                self.tune = gr.Button("Tune to my choices", variant="primary", elem_id="tune-persona")
+                self.untune = gr.Button("Remove tuning", elem_id="untune-persona")
         with gr.Row():
             self.note = gr.Textbox(label="Version note", placeholder="what changed", scale=3)
             self.save = gr.Button("Save persona", variant="primary", scale=1, elem_id="save-persona")
@@ -148,7 +182,8 @@ class PersonaTab:
             self.versions = gr.Dropdown(label="Versions", choices=[], value=None, scale=3)
             self.restore = gr.Button("Restore this version", scale=1)
         with gr.Row():
-            self.upload = gr.File(label="Import persona JSON", file_types=[".json"], type="filepath", scale=2)
+            self.upload = gr.File(label="Import persona JSON", file_types=[".json"], type="filepath", scale=2,
+                                  elem_id="persona-import")
             self.export = gr.DownloadButton("Export JSON", scale=1)
         self.status = gr.Markdown(elem_id="persona-status")
         self.fields = [self.demographics, self.ugc, self.pairwise, *self.sliders]
@@ -165,17 +200,18 @@ class PersonaTab:
         if state is None:
             blank = Persona()
             return [gr.update(choices=choices, value=None), "", gr.update(choices=[], value=None),
-                    *editor_values(blank), profile_markdown(blank.direction), status, False, *cleared]
+                    *editor_values(blank), profile_markdown(blank.direction), status, False, *cleared,
+                    tuning_markdown(None)]
         versions = [(f"v{v.number} · {v.created_at:%Y-%m-%d %H:%M} · {v.note or '—'}", v.id)
                     for v in self.s.personas.versions(user, state.id)]
         return [gr.update(choices=choices, value=state.id), state.name,
                 gr.update(choices=versions, value=state.version_id), *editor_values(state.persona),
                 profile_markdown(state.persona.direction), status, self.s.profiles.learning(user, state.id),
-                *cleared]
+                *cleared, tuning_markdown(self.s.tuning.state(user, state.id))]
 
     def outputs(self) -> list:
         return [self.picker, self.name, self.versions, *self.fields, self.profile, self.status,
-                self.learn, self.proposal, self.proposals, self.accept_choice]
+                self.learn, self.proposal, self.proposals, self.accept_choice, self.tuning]
 
     def on_load(self, request: gr.Request) -> list:
         user = user_of(request)
@@ -200,7 +236,10 @@ class PersonaTab:
         self.infer.click(shows_errors(self._infer), [self.picker, self.method], proposal_outs)
         self.accept.click(shows_errors(self._accept), [self.picker, self.proposal, self.accept_choice], outs)
         self.reject.click(self._reject, None, proposal_outs)
-        self.learn.input(shows_errors(self._learn), [self.picker, self.learn], [self.learn, self.status])
+        # Learning changes which chat picks count, so the tuning section's count follows it.
+        self.learn.input(shows_errors(self._learn), [self.picker, self.learn], [self.learn, self.status, self.tuning])
+        self.tune.click(shows_errors(self._tune), [self.picker], [self.tuning, self.status])
+        self.untune.click(shows_errors(self._untune), [self.picker], [self.tuning, self.status])
         for slider in self.sliders:
             # Gradio passes one argument per slider; the preview reads them all as one direction.
             slider.release(lambda *values: profile_markdown(values), self.sliders, [self.profile])
@@ -289,10 +328,30 @@ class PersonaTab:
 
     def _learn(self, request: gr.Request, persona_id, enabled):
         if persona_id is None:
-            return [False, "Save the persona first; learning from chat ratings is set per persona."]
-        on = self.s.profiles.set_learning(user_of(request), int(persona_id), bool(enabled))
+            return [False, "Save the persona first; learning from chat ratings is set per persona.",
+                    tuning_markdown(None)]
+        user = user_of(request)
+        on = self.s.profiles.set_learning(user, int(persona_id), bool(enabled))
         return [on, "Learning from your chat ratings is **on** for this persona." if on
-                else "Learning from chat ratings is **off**: no new ratings are kept for this persona."]
+                else "Learning from chat ratings is **off**: no new ratings are kept for this persona.",
+                tuning_markdown(self.s.tuning.state(user, int(persona_id)))]
+
+    # Gradio injects a tracker through the gr.Progress() default (its documented idiom).
+    def _tune(self, request: gr.Request, persona_id, progress=gr.Progress()):  # noqa: B008
+        if persona_id is None:
+            raise gr.Error("Pick or save a persona first: tuning reads its saved choices.")
+
+        def report(done: int, total: int, note: str) -> None:
+            progress((done, total), desc=note, unit="steps")
+
+        state = self.s.tuning.tune(user_of(request), int(persona_id), progress=report)
+        return [tuning_markdown(state), "Tuned: replies with this persona now use its adapter."]
+
+    def _untune(self, request: gr.Request, persona_id):
+        if persona_id is None:
+            raise gr.Error("Pick a persona first.")
+        state = self.s.tuning.remove(user_of(request), int(persona_id))
+        return [tuning_markdown(state), "Tuning removed: replies with this persona use the shared model."]
 
     def _filter(self, query):
         hits = [d.matches(query or "") for d in DIMENSIONS]

@@ -73,11 +73,11 @@ def parse_values(text: str | None) -> list[float] | None:
         raise gr.Error(f"Values must be numbers separated by commas; got {text!r}.") from None
 
 
-def setting_from_row(n: int, label, persona_id, mode, strength, dimension, value) -> Setting:
+def setting_from_row(n: int, label, persona_id, mode, strength, dimension, value, tuned=True) -> Setting:
     """One compare row's fields as a Setting."""
     overrides = {} if dimension in (None, NO_OVERRIDE) else {int(dimension): float(value)}
     return Setting(label=(label or "").strip() or ROW_NAMES[n], persona_id=None if persona_id is None else int(persona_id),
-                   mode=mode, overrides=overrides, persona_strength=float(strength or 0))
+                   mode=mode, overrides=overrides, persona_strength=float(strength or 0), tuned=bool(tuned))
 
 
 def figures_markdown(comparison: Comparison) -> str:
@@ -86,7 +86,8 @@ def figures_markdown(comparison: Comparison) -> str:
             "|---|---|---|---|---|---|---|"]
     for answer, setting, similarity in zip(comparison.answers, comparison.settings, comparison.similarities):
         a = answer.attributes
-        rows.append(f"| {answer.label} | {setting.describe()} | {a.get('length', 0):.0f} | "
+        how = setting.describe() + (" · tuned adapter" if answer.tuned else "")
+        rows.append(f"| {answer.label} | {how} | {a.get('length', 0):.0f} | "
                     f"{a.get('reading_grade', 0):.1f} | {a.get('formality', 0):+.2f} | {a.get('sentiment', 0):+.2f} | "
                     f"{similarity:.2f} |")
     note = "\n\n_Stopped early: answers after the last shown were not generated._" if comparison.cancelled else ""
@@ -99,6 +100,7 @@ def rho_markdown(sweep: Sweep) -> str:
     value = "undefined (no variation)" if rho is None else f"**{rho:+.2f}**"
     means = ", ".join(f"{v:g} → {m:.2f}" for v, m in zip(sweep.values, sweep.means) if m is not None)
     stopped = " Stopped early; the points so far are shown." if sweep.cancelled else ""
+    stopped += " Answered with the persona's tuned adapter." if sweep.tuned else ""
     return (f"Spearman ρ of {sweep.variable_label} vs {sweep.attribute_label}: {value} over {len(sweep.points)} "
             f"answers (seed {sweep.generation.seed}).  \nMeans: {means or '—'}.{stopped}")
 
@@ -154,6 +156,8 @@ class StudioTab:
                     gr.Dropdown([("No override", NO_OVERRIDE), *_dimension_choices()], value=NO_OVERRIDE,
                                 label="Override a dimension (PBA)", filterable=True, scale=3),
                     gr.Slider(0, 1, value=1, step=0.05, label="Override value", scale=2),
+                    gr.Checkbox(value=True, label="Persona's tuned adapter", scale=1, min_width=80,
+                                info="if it has one"),
                 ]
             self.setting_rows.append(row)
             self.row_fields.append(fields)

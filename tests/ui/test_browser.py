@@ -157,3 +157,24 @@ def test_streaming_memory_meter_and_studio_compare(server, browser):
     page.locator("#studio-question textarea").fill("How do I brew green tea?")
     page.locator("#studio-compare").click()
     assert "Seed" in wait_for_text(page.locator("#studio-figures"), "Seed", seconds=300)
+
+
+def test_tuning_a_persona_on_its_choices(server, browser, tmp_path):
+    from personalign.persona import PairwiseItem, Persona, dumps
+
+    choices = tuple(PairwiseItem(f"Name a colour ({n}).", "Red.", "Well, there are many colours, such as red.")
+                    for n in range(4))
+    upload = tmp_path / "Chooser.json"
+    upload.write_text(dumps(Persona(pairwise=choices)), encoding="utf-8")
+    page = signed_in(server, browser)
+    page.get_by_role("tab", name="Persona").click()
+    page.locator("#persona-import input[type=file]").set_input_files(str(upload))
+    page.locator("#persona-status").get_by_text("Imported Chooser").wait_for(timeout=30_000)
+    page.get_by_text("Tune the model to this persona").click()
+    assert "4 pairwise choices saved" in wait_for_text(page.locator("#tuning-status"), "Not tuned")
+
+    page.locator("#tune-persona").click()
+    tuned = wait_for_text(page.locator("#tuning-status"), "Replies with this persona in ICA or PBA use it", 300)
+    assert "Tuned" in tuned and "on 4 choices" in tuned
+    page.locator("#untune-persona").click()
+    wait_for_text(page.locator("#tuning-status"), "Not tuned")
