@@ -42,6 +42,7 @@ class AdapterSlot:
         self._base = loaded
         self._applied: Path | None = None
         self._wrapper: Any = None  # the PeftModel around loaded.model while an adapter is applied
+        self._requires_grad: dict[str, bool] = {}  # peft freezes the base; put the flags back on removal
 
     @property
     def applied(self) -> Path | None:
@@ -77,6 +78,7 @@ class AdapterSlot:
         reason = self.supports_adapters()
         if reason is not None:
             raise AdapterError(f"A persona adapter cannot be used here: {reason}.")
+        self._requires_grad = {name: p.requires_grad for name, p in self._base.model.named_parameters()}
         try:
             check_adapter_fits(self._base, adapter)
             with warnings.catch_warnings():  # peft probes a deprecated transformers property on every wrap
@@ -95,4 +97,6 @@ class AdapterSlot:
         if self._wrapper is None:
             return
         self._wrapper.unload()  # the original modules go back; loaded.model is itself again
+        for name, p in self._base.model.named_parameters():
+            p.requires_grad_(self._requires_grad.get(name, p.requires_grad))
         self._wrapper, self._applied = None, None

@@ -47,6 +47,7 @@ def test_use_applies_swaps_and_removes_without_a_trace(llm, adapters) -> None:
     a, b = adapters
     base = _logits(llm)
     names = sorted(n for n, _ in llm.model.named_parameters())
+    llm.model.lm_head.weight.requires_grad_(False)  # a flag of the base's own, to be kept as it was
     slot = AdapterSlot(llm)
 
     with_a = slot.use(a)
@@ -61,6 +62,7 @@ def test_use_applies_swaps_and_removes_without_a_trace(llm, adapters) -> None:
     assert slot.use(None) is llm and slot.applied is None
     assert torch.equal(_logits(llm), base)
     assert sorted(n for n, _ in llm.model.named_parameters()) == names
+    assert [n for n, p in llm.model.named_parameters() if not p.requires_grad] == ["lm_head.weight"]
 
     slot.use(a)
     assert torch.allclose(_logits(llm), logits_a)
