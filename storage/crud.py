@@ -110,6 +110,22 @@ def _update(session: Session, row: Edited, **changes: Any) -> Edited:
     return row
 
 
+def _put(session: Session, existing: Row | None, table: type[Row], content: SQLModel, stamp: str,
+         **keys: Any) -> Row:
+    """Insert ``content`` as a ``table`` row with ``keys``, or overwrite ``existing`` with it and
+    restamp its ``stamp`` column: for tables that hold one row per owner object."""
+    if existing is None:
+        row = table(**keys, **content.model_dump())
+    else:
+        row = existing
+        for name, value in content.model_dump().items():
+            setattr(row, name, value)
+        setattr(row, stamp, utcnow())
+    session.add(row)
+    session.flush()
+    return row
+
+
 def _delete(session: Session, model: type[Owned], row_id: int, user_id: int) -> bool:
     row = _owned(session, model, row_id, user_id)
     if row is None:
@@ -460,15 +476,8 @@ def set_memory_snapshot(
         message_count=message_count,
         kv_bytes=kv_bytes,
     )
-    row = _snapshot_row(session, user_id, conversation_id)
-    if row is None:
-        row = MemorySnapshot(conversation_id=conversation_id, user_id=user_id, **content.model_dump())
-    else:
-        for name, value in content.model_dump().items():
-            setattr(row, name, value)
-        row.updated_at = utcnow()
-    session.add(row)
-    session.flush()
+    row = _put(session, _snapshot_row(session, user_id, conversation_id), MemorySnapshot, content, "updated_at",
+               conversation_id=conversation_id, user_id=user_id)
     return MemorySnapshotPublic.model_validate(row)
 
 
@@ -524,16 +533,9 @@ def set_persona_adapter(
         accuracy_before=accuracy_before,
         accuracy_after=accuracy_after,
     )
-    row = _adapter_row(session, user_id, persona_id)
-    if row is None:
-        row = PersonaAdapter(persona_id=persona_id, user_id=user_id, **content.model_dump())
-    else:
-        for name, value in content.model_dump().items():
-            setattr(row, name, value)
-        # A replacement is a new adapter, so it is dated by this training, not the first.
-        row.created_at = utcnow()
-    session.add(row)
-    session.flush()
+    # A replacement is a new adapter, so it is dated by this training, not the first.
+    row = _put(session, _adapter_row(session, user_id, persona_id), PersonaAdapter, content, "created_at",
+               persona_id=persona_id, user_id=user_id)
     return PersonaAdapterPublic.model_validate(row)
 
 
