@@ -126,6 +126,15 @@ def _put(session: Session, existing: Row | None, table: type[Row], content: SQLM
     return row
 
 
+def _drop(session: Session, row: SQLModel | None) -> bool:
+    """Delete ``row`` if there is one; whether there was."""
+    if row is None:
+        return False
+    session.delete(row)
+    session.flush()
+    return True
+
+
 def _delete(session: Session, model: type[Owned], row_id: int, user_id: int) -> bool:
     row = _owned(session, model, row_id, user_id)
     if row is None:
@@ -489,12 +498,7 @@ def get_memory_snapshot(*, session: Session, user_id: int, conversation_id: int)
 
 def delete_memory_snapshot(*, session: Session, user_id: int, conversation_id: int) -> bool:
     """Forget the conversation's saved cache record (the caller removes the file)."""
-    row = _snapshot_row(session, user_id, conversation_id)
-    if row is None:
-        return False
-    session.delete(row)
-    session.flush()
-    return True
+    return _drop(session, _snapshot_row(session, user_id, conversation_id))
 
 
 # --- persona adapters ------------------------------------------------------------
@@ -547,12 +551,7 @@ def get_persona_adapter(*, session: Session, user_id: int, persona_id: int) -> P
 
 def delete_persona_adapter(*, session: Session, user_id: int, persona_id: int) -> bool:
     """Forget the persona's adapter record (the caller removes the files)."""
-    row = _adapter_row(session, user_id, persona_id)
-    if row is None:
-        return False
-    session.delete(row)
-    session.flush()
-    return True
+    return _drop(session, _adapter_row(session, user_id, persona_id))
 
 
 def list_persona_adapters(*, session: Session, user_id: int) -> list[PersonaAdapterPublic]:
