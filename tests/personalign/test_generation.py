@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -164,7 +166,7 @@ def test_detokenizer_keeps_multibyte_characters_whole(tiny_llm):
     chunks = list(detokenize(tiny_llm.tokenizer, ids))
     assert chunks[-1] == text
     assert all("\ufffd" not in c for c in chunks)
-    assert all(b.startswith(a) for a, b in zip(chunks, chunks[1:]))
+    assert all(b.startswith(a) for a, b in itertools.pairwise(chunks))
 
 
 def test_text_accumulator_skips_specials_and_unchanged_text(tiny_llm):

@@ -39,7 +39,7 @@ def server(tmp_path_factory):
     subprocess.run([sys.executable, "-m", "personalign", "user", "add", USER, "--password-stdin", "--data-dir", str(data)],
                    input=PASSWORD + "\n", text=True, check=True, cwd=ROOT, env=env, capture_output=True)
     port = free_port()
-    log = open(data / "server.log", "w")
+    log = open(data / "server.log", "w")  # noqa: SIM115 -- the server writes to it until teardown closes it
     proc = subprocess.Popen([sys.executable, "app.py", "--auth", "--data-dir", str(data), "--device", "cpu"],
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                             env={**env, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port)})
