@@ -54,15 +54,6 @@ class AdapterSlot:
             return self._base
         return dataclasses.replace(self._base, name=weights_name(self._base, adapter), adapter=Path(adapter))
 
-    def supports_adapters(self) -> str | None:
-        """Why this model cannot take persona adapters, or None when it can."""
-        if self._base.adapter is not None and self._base.quantization != "none":
-            # The app-wide adapter stays a live peft wrapper on a quantized base; a second
-            # wrapper around it would stack two adapters in ways peft does not undo cleanly.
-            return (f"{self._base.name} runs quantized with the app-wide adapter {self._base.adapter.name}, "
-                    "which leaves no room for a persona's own adapter")
-        return None
-
     def use(self, adapter: Path | None) -> LoadedModel:
         """Apply ``adapter`` (or none) to the shared model and return its view; ``AdapterError`` if it does not fit."""
         adapter = None if adapter is None else Path(adapter)
@@ -75,9 +66,11 @@ class AdapterSlot:
     def _apply(self, adapter: Path) -> None:
         from peft import PeftModel
 
-        reason = self.supports_adapters()
-        if reason is not None:
-            raise AdapterError(f"A persona adapter cannot be used here: {reason}.")
+        if self._base.adapter is not None and self._base.quantization != "none":
+            # The app-wide adapter stays a live peft wrapper on a quantized base; a second
+            # wrapper around it would stack two adapters in ways peft does not undo cleanly.
+            raise AdapterError(f"A persona adapter cannot be used here: {self._base.name} runs quantized with the "
+                               f"app-wide adapter {self._base.adapter.name}.")
         self._requires_grad = {name: p.requires_grad for name, p in self._base.model.named_parameters()}
         try:
             check_adapter_fits(self._base, adapter)

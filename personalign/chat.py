@@ -2,8 +2,9 @@
 
 A reply is built from the stored history, the chosen persona version and the alignment
 mode through the pure prompt builders, streamed from the engine (with the persona's tuned
-adapter, when it has one), and stored with the exact prompt the model received. The user's message is stored before generation starts and a
-stopped reply is stored as far as it got, so nothing typed or generated is lost.
+adapter, when it has one), and stored with the exact prompt the model received. The user's
+message is stored before generation starts and a stopped reply is stored as far as it got,
+so nothing typed or generated is lost.
 It knows no UI and no SQL; the engine owns the model and its lock.
 """
 

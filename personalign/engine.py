@@ -106,10 +106,6 @@ class Engine:
         """The name of the weights a reply with ``adapter`` runs on; memories record it."""
         return weights_name(self.loaded, adapter)
 
-    def adapter_support(self) -> str | None:
-        """Why this model cannot take persona adapters, or None when it can."""
-        return self._slot.supports_adapters()
-
     def info(self) -> dict[str, Any]:
         """Model facts for display: name, device, dtype, quantization, parameters, load_seconds."""
         loaded = self.loaded

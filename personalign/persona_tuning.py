@@ -29,6 +29,7 @@ from pathlib import Path
 
 import storage
 from personalign.accounts import AccountService
+from personalign.adapter_slot import weights_name
 from personalign.adapter_training import LoraSettings, planned_steps, top_layers
 from personalign.engine import Engine
 from personalign.errors import NotFoundError, UserError, user_errors
@@ -130,14 +131,14 @@ class TuningService:
     def base_name(self) -> str:
         """The weights a persona adapter is trained on: the model, with the app-wide adapter if any."""
         loaded = self._engine.loaded
-        return loaded.name if loaded.adapter is None else f"{loaded.name} + {loaded.adapter.name}"
+        return weights_name(loaded, loaded.adapter)
 
     def unavailable(self) -> str | None:
         """Why personas cannot be tuned on this model, or None."""
         if self._engine.loaded.adapter is not None:
             return ("the app runs with an app-wide adapter (--adapter); tuning trains on the base model alone, "
                     "so start the app without it to tune personas")
-        return self._engine.adapter_support()
+        return None
 
     def state(self, user: str | None, persona_id: int) -> TuningState:
         user_id = self._accounts.user_id(user)
@@ -229,7 +230,8 @@ class TuningService:
             return f"it was trained on {row.model}, and the app now runs {self.base_name()}; tune again"
         if not (self.root / row.path / "adapter_config.json").is_file():
             return "its files are missing; tune again"
-        return self._engine.adapter_support()
+        # Tuning refuses an app-wide adapter, so base_name() differing above covers that case too.
+        return None
 
     def _prune(self, user_id: int) -> None:
         """Remove the user's adapter folders that no record names (replaced, removed, or of deleted personas)."""
