@@ -127,6 +127,11 @@ class TuningService:
         self._engine = engine
         self.root = Path(root)
         self.settings = settings or TuningSettings()
+        # A deleted persona's record goes with it (ON DELETE CASCADE) but its folder stays;
+        # nothing trains before the services exist, so every user's orphans can go now.
+        for folder in self.root.glob("*/"):
+            if folder.name.isdigit():
+                self._prune(int(folder.name))
 
     def base_name(self) -> str:
         """The weights a persona adapter is trained on: the model, with the app-wide adapter if any."""
@@ -234,7 +239,9 @@ class TuningService:
         return None
 
     def _prune(self, user_id: int) -> None:
-        """Remove the user's adapter folders that no record names (replaced, removed, or of deleted personas)."""
+        """Remove the user's adapter folders that no record names (replaced, removed, or of deleted personas).
+
+        Callers hold the engine lock or run before any tuning can start, so no folder being written is lost."""
         folder = self.root / str(user_id)
         if not folder.is_dir():
             return

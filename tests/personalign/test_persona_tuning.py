@@ -7,12 +7,14 @@ import json
 import pytest
 
 import storage
+from personalign.engine import Engine
 from personalign.errors import NotFoundError, UserError
 from personalign.generation import GenerationConfig
 from personalign.models import ADAPTER_METADATA
 from personalign.persona import PairwiseItem, Persona, UGCItem
 from personalign.persona_tuning import TuningSettings, tuning_pairs
 from personalign.profile_inference import BehaviourItem
+from personalign.services import build_services
 
 GREEDY = GenerationConfig(max_new_tokens=4, temperature=0.0)
 FAST = TuningSettings(min_pairs=4, epochs=1, max_steps=2, batch_size=2)
@@ -139,3 +141,19 @@ def test_the_studio_answers_with_the_adapter_unless_asked_not_to(services, tunin
     comparison = services.studio.compare(None, "Hi", settings, GREEDY)
     assert [a.tuned for a in comparison.answers] == [True, False]
     assert settings[1].describe().endswith("untuned")
+
+
+def test_a_deleted_personas_folder_is_removed_when_the_app_starts(services, tuning, persona_id, tmp_path,
+                                                                  tiny_llm) -> None:
+    tuning.tune(None, persona_id)
+    kept = services.personas.create(None, "Kept", Persona(pairwise=CHOICES))
+    tuning.tune(None, kept.id)
+    services.personas.delete(None, persona_id)
+    assert len(_folders(tuning)) == 2  # the cascade dropped the record, not the files
+
+    db = storage.Database.open(tmp_path / "personalign.db")  # the app started again on the same data
+    try:
+        restarted = build_services(db, Engine(tiny_llm)).tuning
+        assert _folders(restarted) == [restarted.adapter_for(None, kept.id).name]
+    finally:
+        db.close()
