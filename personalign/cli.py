@@ -318,7 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
                             'blank line between dialogues, or JSONL of {"dialogue": [...]}')
     train.add_argument("--out", type=Path, required=True, help="folder to write the adapter into")
     defaults = MemoryTrainingConfig()
-    train.add_argument("--method", choices=METHODS, default=defaults.method)
+    train.add_argument("--method", choices=METHODS, default=defaults.method,
+                       help="smr, lmr, both (the two mixed), dialogue (whole dialogues under the inference mask), "
+                            "or all: both, then the dialogue stage, as published")
     train.add_argument("--steps", type=int, default=None, help="stop after N optimizer steps (default: one epoch)")
     train.add_argument("--lr", type=float, default=defaults.lr)
     train.add_argument("--rank", type=int, default=defaults.rank, help="LoRA rank")

@@ -11,6 +11,11 @@ them hold their utterance:
   pair again. The re-appended pair is the target and sees only BOS, the EoU sinks and its own
   pair's prefix, so it must be recalled from sinks far back.
 
+The published recipe then trains on whole dialogues under the inference mask itself (every
+utterance sees BOS, the earlier EoUs, the previous utterance and its own prefix), so the model
+learns to converse with the sinks rather than only to copy through them. ``method="all"`` runs
+that as a second stage after SMR and LMR; ``"dialogue"`` runs it alone.
+
 Sequences are plain text, ``BOS u1 EoU u2 EoU ...`` (no chat template, no speaker tags), as in the
 paper. The attention patterns are given to the model as 4D additive masks, which transformers
 passes through to eager and SDPA attention unchanged; nothing in the model is patched, and the
@@ -48,7 +53,8 @@ from personalign.streaming_dialogue import additive_mask
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("smr", "lmr", "both")
+METHODS = ("smr", "lmr", "both", "dialogue", "all")
+"""``both``: SMR and LMR mixed; ``all``: that, then the dialogue stage (the published recipe)."""
 SYNTHETIC = "synthetic"
 """The ``samples_source`` (and ``--data``) value that selects the built-in synthetic dialogues."""
 IGNORE = -100  # label of a position that carries no loss (the cross-entropy ignore_index)
@@ -61,7 +67,7 @@ ProgressFn = Callable[[int, int, float], None]
 class MemoryTrainingConfig:
     """How to train the sinks. Defaults follow the published recipe (LoRA on q/v, lr 5e-5, 1 epoch)."""
 
-    method: str = "both"  # smr | lmr | both
+    method: str = "both"  # smr | lmr | both | dialogue | all
     rank: int = 8
     alpha: int = 16
     dropout: float = 0.05
@@ -276,7 +282,7 @@ class MemorySample:
     labels: torch.Tensor  # (T,) long: the token itself where it carries loss, else IGNORE (-100)
     links: torch.Tensor  # (N, N) int8: [i, j] is SEES_ALL, SEES_EOU or 0 for query utterance i, key utterance j < i
     eou_id: int
-    kind: str  # smr | lmr
+    kind: str  # smr | lmr | dialogue
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -352,6 +358,22 @@ def lmr_sample(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], repeat: int
     return MemorySample(ids, _labels(ids, spans[-2:]), links, eou_id, "lmr")
 
 
+def dialogue_sample(utterances: Sequence[Sequence[int]], eou_id: int, bos_id: int) -> MemorySample:
+    """``BOS u1 EoU u2 EoU ...`` of one dialogue under the inference mask; the loss is on u2 onwards.
+
+    Utterance i sees BOS, the EoUs of all earlier utterances, the whole of utterance i-1 and its
+    own prefix: exactly what it sees when the app runs the StreamingDialogue cache. The first
+    utterance carries no loss, since nothing before it says what it should be.
+    """
+    if len(utterances) < 2:
+        raise ValueError(f"a dialogue sample needs at least two utterances; got {len(utterances)}")
+    ids, spans = _layout(utterances, eou_id, bos_id)
+    n = len(spans)
+    links = torch.ones(n, n, dtype=torch.int8).tril(-1) * SEES_EOU  # (N, N): every earlier EoU
+    links[torch.arange(1, n), torch.arange(n - 1)] = SEES_ALL  # and the whole previous utterance
+    return MemorySample(ids, _labels(ids, spans[1:]), links, eou_id, "dialogue")
+
+
 def tokenize_dialogues(dialogues: Sequence[Dialogue], tokenizer: Any, max_tokens: int,
                        reserved: Iterable[int] = ()) -> list[list[list[int]]]:
     """Plain-text token ids of every utterance, cut to ``max_tokens``; empty ones dropped.
@@ -404,21 +426,62 @@ def _lmr_samples(pool: list[tuple[int, list[int], list[int]]], config: MemoryTra
     return samples
 
 
-def build_samples(dialogues: Sequence[Dialogue], tokenizer: Any, config: MemoryTrainingConfig, *, eou_id: int,
-                  bos_id: int) -> list[MemorySample]:
-    """SMR and/or LMR sequences (``config.method``) from ``dialogues``, shuffled; deterministic per seed.
+def _dialogue_samples(tokenized: list[list[list[int]]], config: MemoryTrainingConfig, eou_id: int,
+                      bos_id: int) -> list[MemorySample]:
+    """Each dialogue as consecutive runs of utterances that fit ``max_tokens``, two or more to a run."""
+    samples = []
+    for utts in tokenized:
+        run: list[list[int]] = []
+        length = 1
+        for utt in [*utts, None]:
+            if utt is None or (run and length + len(utt) + 1 > config.max_tokens):
+                if len(run) >= 2:
+                    samples.append(dialogue_sample(run, eou_id, bos_id))
+                # The next run starts with the utterance it replies to, as the cache would hold it.
+                run, length = run[-1:], 1 + (len(run[-1]) + 1 if run else 0)
+            if utt is not None:
+                run.append(utt)
+                length += len(utt) + 1
+    return samples
+
+
+def build_stages(dialogues: Sequence[Dialogue], tokenizer: Any, config: MemoryTrainingConfig, *, eou_id: int,
+                 bos_id: int) -> list[list[MemorySample]]:
+    """The training stages of ``config.method`` in order, each shuffled; deterministic per seed.
 
     SMR packs every utterance, ``config.pairs`` to a sequence. LMR uses the pairs (u0, u1),
     (u2, u3), ... of each dialogue, ``config.pairs`` from different dialogues to a sequence.
+    The dialogue stage takes each dialogue whole, cut into runs that fit ``max_tokens``.
     """
     rng = random.Random(config.seed)
     tokenized = tokenize_dialogues(dialogues, tokenizer, config.max_utterance_tokens, (eou_id, bos_id))
+    stages = []
+    if config.method != "dialogue":
+        stages.append(_memory_samples(tokenized, config, rng, eou_id, bos_id))
+    if config.method in ("dialogue", "all"):
+        samples = _dialogue_samples(tokenized, config, eou_id, bos_id)
+        if not samples:
+            raise ValueError("the dialogue stage needs dialogues of at least two utterances; none were found")
+        rng.shuffle(samples)
+        stages.append(samples)
+    return stages
+
+
+def build_samples(dialogues: Sequence[Dialogue], tokenizer: Any, config: MemoryTrainingConfig, *, eou_id: int,
+                  bos_id: int) -> list[MemorySample]:
+    """Every stage's samples, stage after stage (see ``build_stages``)."""
+    return [s for stage in build_stages(dialogues, tokenizer, config, eou_id=eou_id, bos_id=bos_id) for s in stage]
+
+
+def _memory_samples(tokenized: list[list[list[int]]], config: MemoryTrainingConfig, rng: random.Random, eou_id: int,
+                    bos_id: int) -> list[MemorySample]:
+    """SMR and/or LMR sequences, shuffled together."""
     samples: list[MemorySample] = []
-    if config.method in ("smr", "both"):
+    if config.method in ("smr", "both", "all"):
         utts = [u for d in tokenized for u in d]
         rng.shuffle(utts)
         samples += _smr_samples(utts, config, eou_id, bos_id)
-    if config.method in ("lmr", "both"):
+    if config.method in ("lmr", "both", "all"):
         pool = [(i, d[j], d[j + 1]) for i, d in enumerate(tokenized) for j in range(0, len(d) - 1, 2)]
         if not pool:
             message = "LMR needs dialogues of at least two utterances (a prompt and its reply); none were found"
@@ -521,7 +584,10 @@ def _split_probe(samples: list[MemorySample], batch_size: int) -> tuple[list[Mem
 def train_memory(loaded: LoadedModel, samples_source: str | Path | Sequence[Sequence[str]],
                  config: MemoryTrainingConfig, out_dir: Path | str,
                  progress: ProgressFn | None = None) -> TrainingReport:
-    """Train SMR/LMR LoRA (q_proj, v_proj) on ``loaded.model`` and save the adapter in ``out_dir``.
+    """Train the memory LoRA (q_proj, v_proj) on ``loaded.model`` and save the adapter in ``out_dir``.
+
+    The stages of ``config.method`` run in order (``all``: SMR and LMR, then the dialogue stage),
+    each for ``config.epochs``; ``config.max_steps`` caps the steps of all stages together.
 
     ``samples_source`` is ``"synthetic"``, a corpus file (see ``load_corpus``) or a list of
     dialogues. ``progress(step, total, loss)`` is called after every optimizer step. The adapter
@@ -536,11 +602,19 @@ def train_memory(loaded: LoadedModel, samples_source: str | Path | Sequence[Sequ
     dialogues = load_dialogues(samples_source, config)
     eou, bos = loaded.eou_token_id, bos_token_id(loaded)
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else eou
-    samples = build_samples(dialogues, loaded.tokenizer, config, eou_id=eou, bos_id=bos)
-    probe, train, held_out = _split_probe(samples, config.batch_size)
-    total = planned_steps(len(train), config.batch_size, config.epochs, config.max_steps)
-    logger.info("memory training (%s): %d dialogues -> %d sequences, %d steps", config.method, len(dialogues),
-                len(train), total)
+    # One probe per stage, scored together: the loss on held-out sequences of every objective trained.
+    split = [_split_probe(stage, config.batch_size)
+             for stage in build_stages(dialogues, loaded.tokenizer, config, eou_id=eou, bos_id=bos)]
+    probe = [s for stage_probe, _, _ in split for s in stage_probe]
+    held_out = all(h for _, _, h in split)
+    stages, budget = [], config.max_steps
+    for _, train, _ in split:  # --steps caps the whole run: later stages get what earlier ones leave
+        steps = planned_steps(len(train), config.batch_size, config.epochs, budget)
+        stages.append((train, steps))
+        budget = None if budget is None else budget - steps
+    total = sum(steps for _, steps in stages)
+    logger.info("memory training (%s): %d dialogues -> %s sequences, %d steps", config.method, len(dialogues),
+                " then ".join(str(len(train)) for train, _ in stages), total)
     score = {"pad_id": pad, "dtype": loaded.dtype, "device": loaded.device, "batch_size": config.batch_size}
 
     with lora_session(loaded, config.lora, config.seed) as peft_model:
@@ -552,8 +626,20 @@ def train_memory(loaded: LoadedModel, samples_source: str | Path | Sequence[Sequ
             loss.backward()
             return loss.item()
 
-        losses, seconds = optimize(peft_model, train, step, lr=config.lr, batch_size=config.batch_size,
-                                   total=total, seed=config.seed, progress=progress)
+        losses, seconds = [], 0.0
+        for train, steps in stages:  # a fresh optimizer per stage, as two training runs would have
+            if steps < 1:
+                continue
+            done = len(losses)
+
+            def stage_progress(n: int, _: int, loss: float, done: int = done) -> None:
+                if progress is not None:
+                    progress(done + n, total, loss)
+
+            stage_losses, stage_seconds = optimize(peft_model, train, step, lr=config.lr,
+                                                   batch_size=config.batch_size, total=steps, seed=config.seed,
+                                                   progress=stage_progress)
+            losses, seconds = losses + stage_losses, seconds + stage_seconds
         probe_after = memory_loss(peft_model, probe, **score)
         peft_model.save_pretrained(str(out))
         data = SYNTHETIC if isinstance(samples_source, str) and samples_source == SYNTHETIC else (
@@ -567,4 +653,4 @@ def train_memory(loaded: LoadedModel, samples_source: str | Path | Sequence[Sequ
                 losses[-1])
     return TrainingReport(steps=len(losses), seconds=seconds, first_loss=losses[0], last_loss=losses[-1],
                           probe_loss_before=probe_before, probe_loss_after=probe_after, probe_held_out=held_out,
-                          train_samples=len(train), out_dir=out, probe=tuple(probe))
+                          train_samples=sum(len(train) for train, _ in stages), out_dir=out, probe=tuple(probe))

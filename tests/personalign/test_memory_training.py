@@ -14,7 +14,9 @@ from personalign.memory_training import (
     IGNORE,
     MemoryTrainingConfig,
     build_samples,
+    build_stages,
     collate,
+    dialogue_sample,
     lmr_sample,
     load_corpus,
     memory_loss,
@@ -99,6 +101,53 @@ def test_lmr_mask_and_labels_on_hand_built_sequence() -> None:
         lmr_sample([([A], [B])], 1, EOU, BOS)
     with pytest.raises(ValueError, match="only the layout"):
         smr_sample([[A, EOU, B]], EOU, BOS)
+
+
+def test_dialogue_sample_is_the_inference_mask_with_loss_after_the_first_utterance() -> None:
+    sample = dialogue_sample([[A], [B, B], [C]], EOU, BOS)
+    #                                    0    1  2    3  4  5    6  7
+    assert sample.input_ids.tolist() == [BOS, A, EOU, B, B, EOU, C, EOU]
+    assert torch.equal(sample.attention, streaming_dialogue_mask(sample.input_ids.tolist(), EOU, BOS))
+    assert torch.equal(sample.attention, _rows(
+        # B a E b b E c E
+        "1 0 0 0 0 0 0 0",  # BOS
+        "1 1 0 0 0 0 0 0",  # a
+        "1 1 1 0 0 0 0 0",  # E  (a's)
+        "1 1 1 1 0 0 0 0",  # b  sees all of the previous utterance
+        "1 1 1 1 1 0 0 0",  # b
+        "1 1 1 1 1 1 0 0",  # E  (b's)
+        "1 0 1 1 1 1 1 0",  # c  a's tokens are gone; a's EoU and all of b remain
+        "1 0 1 1 1 1 1 1",  # E  (c's)
+    ))
+    assert sample.labels.tolist() == [IGNORE, IGNORE, IGNORE, B, B, EOU, C, EOU] and sample.kind == "dialogue"
+    with pytest.raises(ValueError, match="two utterances"):
+        dialogue_sample([[A]], EOU, BOS)
+
+
+def test_all_runs_the_memory_objectives_then_whole_dialogues(tiny_llm) -> None:
+    dialogues = synthetic_dialogues(10, 0)
+    config = MemoryTrainingConfig(method="all", max_tokens=96, pairs=3)
+    memory, dialogue = build_stages(dialogues, tiny_llm.tokenizer, config, eou_id=EOU, bos_id=BOS)
+    assert {s.kind for s in memory} == {"smr", "lmr"} and {s.kind for s in dialogue} == {"dialogue"}
+    flat = build_samples(dialogues, tiny_llm.tokenizer, config, eou_id=EOU, bos_id=BOS)
+    assert [s.input_ids.tolist() for s in flat] == [s.input_ids.tolist() for s in [*memory, *dialogue]]
+    tokenized = [[tiny_llm.tokenizer(u, add_special_tokens=False)["input_ids"][:config.max_utterance_tokens]
+                  for u in d] for d in dialogues]
+    covered = set()
+    for s in dialogue:
+        ids = s.input_ids.tolist()
+        assert len(ids) <= config.max_tokens
+        run = _split(ids[1:])
+        # A run is consecutive utterances of one dialogue; runs overlap by the utterance replied to.
+        home = next(d for d, utts in enumerate(tokenized)
+                    if any(utts[i:i + len(run)] == run for i in range(len(utts))))
+        start = next(i for i in range(len(tokenized[home])) if tokenized[home][i:i + len(run)] == run)
+        covered |= {(home, i) for i in range(start + 1, start + len(run))}
+    # Every utterance after a dialogue's first is a target somewhere.
+    assert covered == {(d, i) for d, utts in enumerate(tokenized) for i in range(1, len(utts))}
+    only, = build_stages(dialogues, tiny_llm.tokenizer, dataclasses.replace(config, method="dialogue"),
+                         eou_id=EOU, bos_id=BOS)
+    assert sorted(s.input_ids.tolist() for s in only) == sorted(s.input_ids.tolist() for s in dialogue)
 
 
 def test_training_masks_never_allow_what_inference_forbids(tiny_llm) -> None:
@@ -291,6 +340,32 @@ def test_training_reduces_the_loss_on_a_fixed_batch(trained) -> None:
     # The probe scored on the untouched base model gives the "before" figure again.
     score = {"pad_id": EOU, "dtype": torch.float32, "device": loaded.device}
     assert memory_loss(loaded.model, report.probe, **score) == pytest.approx(report.probe_loss_before, rel=1e-5)
+
+
+def test_all_trains_both_stages_in_order_under_one_step_cap(tiny_folder, tmp_path) -> None:
+    loaded = load_model(ModelConfig(model=str(tiny_folder), device="cpu"))
+    config = dataclasses.replace(FAST, method="all", samples=12, max_steps=None)
+    memory, dialogue = build_stages(synthetic_dialogues(12, config.seed), loaded.tokenizer, config, eou_id=EOU,
+                                    bos_id=BOS)
+    # Each stage holds back one probe batch of at most a tenth of its samples.
+    planned = [-(-(len(stage) - min(config.batch_size, len(stage) // 10)) // config.batch_size)
+               for stage in (memory, dialogue)]
+    assert all(planned)
+
+    def run(max_steps: int | None, out: str) -> tuple[list[tuple], object]:
+        steps: list[tuple] = []
+        report = train_memory(loaded, "synthetic", dataclasses.replace(config, max_steps=max_steps), tmp_path / out,
+                              progress=lambda *a: steps.append(a))
+        return steps, report
+
+    steps, report = run(None, "whole")
+    total = sum(planned)
+    assert [s[:2] for s in steps] == [(i, total) for i in range(1, total + 1)] and report.steps == total
+    assert len(report.probe) == sum(min(config.batch_size, len(stage) // 10) for stage in (memory, dialogue))
+    assert json.loads((tmp_path / "whole" / ADAPTER_METADATA).read_text())["method"] == "all"
+    # --steps caps both stages together: the dialogue stage gets what the first one leaves.
+    steps, report = run(planned[0] + 1, "capped")
+    assert report.steps == planned[0] + 1 and steps[-1][:2] == (planned[0] + 1, planned[0] + 1)
 
 
 def test_the_base_model_is_left_as_it_was(trained) -> None:
