@@ -156,9 +156,7 @@ class TuningService:
         the persona out, or it has no usable adapter."""
         if persona_id is None or Mode(mode) is Mode.NONE:
             return None
-        user_id = self._accounts.user_id(user)
-        with self._db.session() as s:
-            row = storage.get_persona_adapter(session=s, user_id=user_id, persona_id=persona_id)
+        row = self._row(self._accounts.user_id(user), persona_id)
         if row is None or self._problem(row) is not None:
             return None
         return self.root / row.path
@@ -222,17 +220,21 @@ class TuningService:
 
     # --- helpers ---------------------------------------------------------------------------
 
-    def _recorded(self, user_id: int, persona_id: int) -> TunedAdapter | None:
+    def _row(self, user_id: int, persona_id: int) -> storage.PersonaAdapterPublic | None:
         with self._db.session() as s:
-            row = storage.get_persona_adapter(session=s, user_id=user_id, persona_id=persona_id)
+            return storage.get_persona_adapter(session=s, user_id=user_id, persona_id=persona_id)
+
+    def _recorded(self, user_id: int, persona_id: int) -> TunedAdapter | None:
+        row = self._row(user_id, persona_id)
         if row is None:
             return None
         return TunedAdapter(row.pairs, row.steps, row.probe_pairs, row.accuracy_before, row.accuracy_after,
                             row.created_at, row.model, self._problem(row))
 
     def _problem(self, row: storage.PersonaAdapterPublic) -> str | None:
-        if row.model != self.base_name():
-            return f"it was trained on {row.model}, and the app now runs {self.base_name()}; tune again"
+        base = self.base_name()
+        if row.model != base:
+            return f"it was trained on {row.model}, and the app now runs {base}; tune again"
         if not (self.root / row.path / "adapter_config.json").is_file():
             return "its files are missing; tune again"
         # Tuning refuses an app-wide adapter, so base_name() differing above covers that case too.
