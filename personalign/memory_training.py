@@ -223,15 +223,34 @@ _TEMPLATES = (
     "I drive an old {colour2} {car} with {km} kilometres on it.",
     "If you need me, my number is {phone}, but I rarely answer before {start}.",
 )
+# A reply that brings back what the other person said earlier, one per statement above (the
+# introduction first), in the same order. Its values can only come from that earlier utterance.
+_ECHOES = (
+    "You told me you're {age} and live in {city}, right?",
+    "So your shift as a {job} starts at {start}? That is early.",
+    "How are your {pets} {pet}s doing? Is {pet_name} still the oldest?",
+    "Your {colour} front door sounds lovely.",
+    "Do you visit {rname} in {rcity} often?",
+    "Number {house} on {street} Street, I think I know that bakery.",
+    "{hours} hours of {instrument} every {weekday} is a lot of practice!",
+    "{food} {times} times in one week? You must really love it.",
+    "I'll remember your birthday: {month} {day}.",
+    "{km} kilometres on a {car} is impressive.",
+    "I saved your number, {phone}.",
+)
 _OPENERS = ("Good to know, {other}. ", "Thanks, {other}. ", "I see, {other}. ", "", "", "")
 _CLOSERS = (" What about you, {other}?", " And you, {other}?", "", "", "")
+ECHO_RATE = 0.4  # share of turns, from the fifth on, that echo the other speaker instead of adding a fact
 
 
 def synthetic_dialogues(count: int, seed: int = 0) -> list[Dialogue]:
     """``count`` made-up two-person dialogues full of concrete facts, the same for the same seed.
 
     Names, numbers, colours and cities change from dialogue to dialogue, so copying an utterance
-    back is only possible by remembering it: exactly what SMR and LMR reward.
+    back is only possible by remembering it: exactly what SMR and LMR reward. From the fifth
+    turn on, a speaker sometimes echoes a fact the other stated at least three utterances back
+    (never the previous utterance, which the StreamingDialogue cache keeps whole), so the
+    dialogue stage's loss on that echo can only fall by reading the fact out of an EoU sink.
     """
     if count < 1:
         raise ValueError(f"count must be at least 1; got {count}")
@@ -240,10 +259,18 @@ def synthetic_dialogues(count: int, seed: int = 0) -> list[Dialogue]:
     for _ in range(count):
         people = [_facts(rng), _facts(rng)]
         topics = [rng.sample(range(len(_TEMPLATES)), len(_TEMPLATES)) for _ in people]
+        stated: list[tuple[int, int]] = []  # (utterance index, statement) of every fact-stating turn
         turns = []
-        for i in range(rng.randint(4, 8)):
+        for i in range(rng.randint(6, 12)):
             me, other = people[i % 2], people[1 - i % 2]["name"]
-            body = _INTRO if i < 2 else _TEMPLATES[topics[i % 2].pop()]
+            # The other speaker's statements, three or more utterances back (i-3, i-5, ...).
+            earlier = [k for j, k in stated if j % 2 != i % 2 and j <= i - 3]
+            if i >= 4 and earlier and rng.random() < ECHO_RATE:
+                turns.append(_ECHOES[rng.choice(earlier)].format(**people[1 - i % 2]))
+                continue
+            statement = 0 if i < 2 else 1 + topics[i % 2].pop()
+            stated.append((i, statement))
+            body = _INTRO if statement == 0 else _TEMPLATES[statement - 1]
             opener = "" if i == 0 else "Nice to meet you, {other}! " if i == 1 else rng.choice(_OPENERS)
             text = opener + body.format(**me) + rng.choice(_CLOSERS)
             turns.append(text.format(other=other))

@@ -5,12 +5,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
+import shutil
 
 import pytest
 import torch
 
 from personalign.cli import main
 from personalign.memory_training import (
+    _ECHOES,
     IGNORE,
     MemoryTrainingConfig,
     build_samples,
@@ -303,7 +306,7 @@ def test_unreadable_corpus_paths_are_clear_errors(tmp_path) -> None:
 def test_synthetic_dialogues_are_deterministic_and_full_of_facts() -> None:
     first = synthetic_dialogues(50, seed=7)
     assert first == synthetic_dialogues(50, seed=7) != synthetic_dialogues(50, seed=8)
-    assert len(first) == 50 and all(4 <= len(d) <= 8 for d in first)
+    assert len(first) == 50 and all(6 <= len(d) <= 12 for d in first)
     assert len({d for d in first}) == 50
     utterances = [u for d in first for u in d]
     assert all(u.strip() == u and u for u in utterances)
@@ -312,6 +315,30 @@ def test_synthetic_dialogues_are_deterministic_and_full_of_facts() -> None:
         synthetic_dialogues(0)
 
 
+def _echo_values(utterance: str) -> tuple[str, ...] | None:
+    """The values an echo utterance repeats, or None when it is not an echo."""
+    for template in _ECHOES:
+        pattern = re.escape(template)
+        for field_name in set(re.findall(r"\{(\w+)\}", template)):
+            pattern = pattern.replace(re.escape("{" + field_name + "}"), "(.+?)")
+        match = re.fullmatch(pattern, utterance)
+        if match:
+            return match.groups()
+    return None
+
+
+def test_synthetic_echoes_repeat_the_other_speakers_facts_from_three_or_more_utterances_back() -> None:
+    echoes = 0
+    for dialogue in synthetic_dialogues(200, seed=3):
+        for i, utterance in enumerate(dialogue):
+            values = _echo_values(utterance)
+            if values is None:
+                continue
+            echoes += 1
+            # Only the other speaker's utterances the cache no longer holds whole can say them.
+            sources = [dialogue[j] for j in range(i - 3, -1, -2)]
+            assert i >= 4 and any(all(v in source for v in values) for source in sources), (i, utterance)
+    assert echoes > 100
 @pytest.mark.parametrize(
     "kwargs",
     [{"method": "sft"}, {"rank": 0}, {"lr": 0.0}, {"lr": 2.0}, {"max_steps": 0}, {"dropout": 1.0},
