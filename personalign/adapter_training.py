@@ -25,7 +25,12 @@ from typing import Any, TypeVar
 
 import torch
 
-from personalign.models import ADAPTER_METADATA, LoadedModel, base_fingerprint
+from personalign.models import (
+    ADAPTER_METADATA,
+    LoadedModel,
+    base_fingerprint,
+    check_adapter_fits,
+)
 
 TARGET_MODULES = ("q_proj", "v_proj")
 """Both published recipes adapt the query and value projections only."""
@@ -83,18 +88,23 @@ def check_out_dir(out_dir: Path | str) -> Path:
 
 
 @contextmanager
-def lora_session(loaded: LoadedModel, settings: LoraSettings, seed: int) -> Iterator[Any]:
-    """``loaded.model`` wrapped in fresh LoRA layers, seeded; unwrapped and restored on exit.
+def lora_session(loaded: LoadedModel, settings: LoraSettings, seed: int,
+                 start_from: Path | None = None) -> Iterator[Any]:
+    """``loaded.model`` wrapped in LoRA layers, seeded; unwrapped and restored on exit.
 
-    The global RNG is left untouched (the seed governs LoRA init and dropout only). A 4-bit or
-    8-bit base is trained as it stands, frozen with float32 LoRA weights, rather than through
-    peft's ``prepare_model_for_kbit_training``: that casts the base to float32 for good, which
-    the app's shared model must not undergo, and a 135M model needs none of its savings.
+    The layers are fresh, or, with ``start_from``, that saved adapter's weights to train on (a
+    second stage after a first, as two runs); its shape must be ``settings``'. The global RNG is
+    left untouched (the seed governs LoRA init and dropout only). A 4-bit or 8-bit base is
+    trained as it stands, frozen with float32 LoRA weights, rather than through peft's
+    ``prepare_model_for_kbit_training``: that casts the base to float32 for good, which the
+    app's shared model must not undergo, and a 135M model needs none of its savings.
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, PeftModel, get_peft_model
 
     if loaded.adapter is not None:
         raise ValueError(f"{loaded.name} already carries the adapter {loaded.adapter}; train on the base model alone")
+    if start_from is not None:
+        start_from = check_adapter_fits(loaded, start_from)
     model = loaded.model
     training = model.training
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -106,14 +116,32 @@ def lora_session(loaded: LoadedModel, settings: LoraSettings, seed: int) -> Iter
         torch.manual_seed(seed)
         with warnings.catch_warnings():  # peft probes a deprecated transformers property on every wrap
             warnings.simplefilter("ignore", FutureWarning)
-            peft_model = get_peft_model(model, lora)
+            if start_from is None:
+                peft_model = get_peft_model(model, lora)
+            else:
+                peft_model = PeftModel.from_pretrained(model, str(start_from), is_trainable=True)
         try:
+            if start_from is not None:
+                _check_same_shape(peft_model.peft_config["default"], lora, start_from)
             yield peft_model
         finally:
             peft_model.unload()  # drops the LoRA layers, back to the original modules
             for name, p in model.named_parameters():
                 p.requires_grad_(requires_grad.get(name, p.requires_grad))
             model.train(training)
+
+
+def _check_same_shape(saved: Any, wanted: Any, path: Path) -> None:
+    """Refuse to go on from an adapter whose rank, alpha or adapted modules differ from the run's settings."""
+    def shape(c: Any) -> dict[str, Any]:
+        layers = c.layers_to_transform
+        return {"rank": c.r, "alpha": c.lora_alpha, "modules": sorted(c.target_modules),
+                "layers": None if layers is None else sorted([layers] if isinstance(layers, int) else layers)}
+
+    have, want = shape(saved), shape(wanted)
+    differ = [f"{k} {have[k]} (asked for {want[k]})" for k in have if have[k] != want[k]]
+    if differ:
+        raise ValueError(f"the adapter in {path} has {', '.join(differ)}; train with its settings to go on from it")
 
 
 def write_metadata(out: Path, loaded: LoadedModel, purpose: str, settings: LoraSettings,

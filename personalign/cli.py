@@ -33,6 +33,7 @@ from personalign.models import (
     QUANTIZE_CHOICES,
     ModelConfig,
     ModelLoadError,
+    check_adapter_folder,
     load_model,
 )
 from personalign.persona import Persona, loads
@@ -213,6 +214,8 @@ def cmd_train_memory(args: argparse.Namespace) -> int:
                                   max_tokens=args.max_tokens)
     source = SYNTHETIC if args.data == SYNTHETIC else Path(args.data)
     load_dialogues(source, config)  # read once before the model loads: a bad file fails in a second, not a minute
+    if args.init is not None:
+        check_adapter_folder(args.init)
     log.info("loading model %s", args.model)
     loaded = load_model(model_config(args))
 
@@ -220,7 +223,7 @@ def cmd_train_memory(args: argparse.Namespace) -> int:
         if step % max(1, total // 20) == 0 or step == total:  # about twenty lines, whatever the run's length
             print(f"step {step}/{total}  loss {loss:.4f}", file=sys.stderr, flush=True)
 
-    report = train_memory(loaded, source, config, args.out, progress=progress)
+    report = train_memory(loaded, source, config, args.out, progress=progress, start_from=args.init)
     held = "held-out" if report.probe_held_out else "trained-on"
     print(f"trained {config.method} memory adapter on {loaded.name}: {report.steps} steps over "
           f"{report.train_samples} sequences in {report.seconds:.1f} s ({report.steps_per_second:.2f} steps/s)")
@@ -321,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--method", choices=METHODS, default=defaults.method,
                        help="smr, lmr, both (the two mixed), dialogue (whole dialogues under the inference mask), "
                             "or all: both, then the dialogue stage, as published")
+    train.add_argument("--init", type=Path, default=None, metavar="ADAPTER",
+                       help="go on training this memory adapter instead of a fresh LoRA (e.g. --method dialogue "
+                            "from a --method both adapter: the published two stages as two runs)")
     train.add_argument("--steps", type=int, default=None, help="stop after N optimizer steps (default: one epoch)")
     train.add_argument("--lr", type=float, default=defaults.lr)
     train.add_argument("--rank", type=int, default=defaults.rank, help="LoRA rank")

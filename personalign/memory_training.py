@@ -48,7 +48,7 @@ from personalign.adapter_training import (
     planned_steps,
     write_metadata,
 )
-from personalign.models import LoadedModel
+from personalign.models import LoadedModel, check_adapter_folder, read_adapter_metadata
 from personalign.streaming_dialogue import additive_mask
 
 logger = logging.getLogger(__name__)
@@ -600,6 +600,17 @@ def bos_token_id(loaded: LoadedModel) -> int:
     raise ValueError(f"model {loaded.name} defines no BOS token; StreamingDialogue needs one as its first sink")
 
 
+def _earlier_run(start_from: Path, out: Path) -> dict[str, Any]:
+    """What the adapter to go on from was trained on, for the new adapter's record; refuses a
+    preference adapter, and writing over the one being continued."""
+    if start_from.expanduser().resolve() == out.expanduser().resolve():
+        raise ValueError(f"--out {out} is the adapter being continued; write the new one to another folder")
+    meta = read_adapter_metadata(check_adapter_folder(start_from))
+    if meta.get("purpose", "memory") != "memory":
+        raise ValueError(f"the adapter in {start_from} is a {meta['purpose']} adapter, not a memory adapter")
+    return {"adapter": start_from.name, **{k: meta[k] for k in ("method", "steps", "data", "date") if k in meta}}
+
+
 def _split_probe(samples: list[MemorySample], batch_size: int) -> tuple[list[MemorySample], list[MemorySample], bool]:
     """Hold out one batch (at most a tenth of the samples) to score before and after training."""
     held = min(batch_size, len(samples) // 10)
@@ -610,7 +621,7 @@ def _split_probe(samples: list[MemorySample], batch_size: int) -> tuple[list[Mem
 
 def train_memory(loaded: LoadedModel, samples_source: str | Path | Sequence[Sequence[str]],
                  config: MemoryTrainingConfig, out_dir: Path | str,
-                 progress: ProgressFn | None = None) -> TrainingReport:
+                 progress: ProgressFn | None = None, start_from: Path | str | None = None) -> TrainingReport:
     """Train the memory LoRA (q_proj, v_proj) on ``loaded.model`` and save the adapter in ``out_dir``.
 
     The stages of ``config.method`` run in order (``all``: SMR and LMR, then the dialogue stage),
@@ -621,11 +632,16 @@ def train_memory(loaded: LoadedModel, samples_source: str | Path | Sequence[Sequ
     goes to ``out_dir`` (peft's ``save_pretrained``) with ``ADAPTER_METADATA`` beside it.
     The LoRA layers are removed afterwards, leaving ``loaded.model`` as it was.
 
+    ``start_from``: a memory adapter to go on training rather than a fresh LoRA, so the two
+    published stages can run as two commands (``both``, then ``dialogue`` from its adapter).
+    It must have this run's rank and alpha, and is left as it was: ``out_dir`` must differ.
+
     A 4-bit or 8-bit base is trained as it stands (frozen, LoRA weights in float32), rather than
     through peft's ``prepare_model_for_kbit_training``: that casts the base to float32 for good,
     which the app's shared model must not undergo, and a 135M model needs none of its savings.
     """
     out = check_out_dir(out_dir)
+    earlier = None if start_from is None else _earlier_run(Path(start_from), out)
     dialogues = load_dialogues(samples_source, config)
     eou, bos = loaded.eou_token_id, bos_token_id(loaded)
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else eou
@@ -644,8 +660,9 @@ def train_memory(loaded: LoadedModel, samples_source: str | Path | Sequence[Sequ
                 " then ".join(str(len(train)) for train, _ in stages), total)
     score = {"pad_id": pad, "dtype": loaded.dtype, "device": loaded.device, "batch_size": config.batch_size}
 
-    with lora_session(loaded, config.lora, config.seed) as peft_model:
-        probe_before = memory_loss(peft_model, probe, **score)  # LoRA starts as a no-op: the base model
+    start = None if start_from is None else Path(start_from)
+    with lora_session(loaded, config.lora, config.seed, start_from=start) as peft_model:
+        probe_before = memory_loss(peft_model, probe, **score)  # the base model, or the adapter gone on from
 
         def step(batch_samples: list[MemorySample]) -> float:
             loss_sum, count = batch_loss(peft_model, collate(batch_samples, pad, loaded.dtype), loaded.device)
@@ -675,6 +692,7 @@ def train_memory(loaded: LoadedModel, samples_source: str | Path | Sequence[Sequ
             "bos_token_id": bos, "method": config.method, "steps": len(losses), "final_loss": round(losses[-1], 6),
             "probe_loss_before": round(probe_before, 6), "probe_loss_after": round(probe_after, 6),
             "lr": config.lr, "max_tokens": config.max_tokens, "seed": config.seed, "data": data,
+            "continued_from": earlier,
         })
     logger.info("memory training done: %d steps in %.1f s, loss %.4f -> %.4f", len(losses), seconds, losses[0],
                 losses[-1])

@@ -290,7 +290,7 @@ def load_model(config: ModelConfig) -> LoadedModel:
     return loaded
 
 
-def _read_adapter_metadata(path: Path) -> dict[str, Any]:
+def read_adapter_metadata(path: Path) -> dict[str, Any]:
     """``ADAPTER_METADATA`` of an adapter folder; {} for a plain peft adapter without one."""
     file = path / ADAPTER_METADATA
     if not file.is_file():
@@ -344,7 +344,7 @@ def _check_adapter_base(path: Path, meta: dict[str, Any], loaded: LoadedModel) -
 def check_adapter_fits(loaded: LoadedModel, path: Path | str) -> Path:
     """``path`` as a Path if it holds an adapter whose metadata fits ``loaded``, else ``ModelLoadError``."""
     path = check_adapter_folder(path)
-    _check_adapter_base(path, _read_adapter_metadata(path), loaded)
+    _check_adapter_base(path, read_adapter_metadata(path), loaded)
     return path
 
 

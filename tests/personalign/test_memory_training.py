@@ -434,6 +434,39 @@ def test_saved_adapter_loads_and_reproduces_the_trained_model(trained, tiny_fold
     assert not torch.allclose(merged, _logits(base.model, ids, mask), atol=1e-4)
 
 
+def test_training_goes_on_from_a_saved_adapter(trained, tiny_folder, tmp_path) -> None:
+    _, first, _, _ = trained
+    loaded = load_model(ModelConfig(model=str(tiny_folder), device="cpu"))
+    config = dataclasses.replace(FAST, method="dialogue", max_steps=2)
+    report = train_memory(loaded, "synthetic", config, tmp_path / "second", start_from=first.out_dir)
+    # The second stage starts where the first ended: its "before" is the first adapter's score.
+    adapted = load_model(ModelConfig(model=str(tiny_folder), device="cpu", adapter=first.out_dir))
+    score = {"pad_id": EOU, "dtype": torch.float32, "device": adapted.device}
+    assert memory_loss(adapted.model, report.probe, **score) == pytest.approx(report.probe_loss_before, rel=1e-4)
+    assert memory_loss(loaded.model, report.probe, **score) != pytest.approx(report.probe_loss_before, rel=1e-3)
+    meta = json.loads((tmp_path / "second" / ADAPTER_METADATA).read_text())
+    assert meta["method"] == "dialogue" and meta["steps"] == 2
+    assert meta["continued_from"] | {"date": None} == {"adapter": first.out_dir.name, "method": "both",
+                                                       "steps": FAST.max_steps, "data": "synthetic", "date": None}
+    assert not any("lora" in name for name, _ in loaded.model.named_modules())
+
+
+def test_going_on_from_an_adapter_refuses_what_would_not_fit(trained, tiny_folder, tmp_path) -> None:
+    _, first, _, _ = trained
+    loaded = load_model(ModelConfig(model=str(tiny_folder), device="cpu"))
+    with pytest.raises(ValueError, match="being continued"):
+        train_memory(loaded, "synthetic", FAST, first.out_dir, start_from=first.out_dir)
+    with pytest.raises(ValueError, match="rank 8 \\(asked for 4\\)"):
+        train_memory(loaded, "synthetic", dataclasses.replace(FAST, rank=4), tmp_path / "r4", start_from=first.out_dir)
+    assert not any("lora" in name for name, _ in loaded.model.named_modules())  # unwrapped again
+    other = tmp_path / "preference"
+    shutil.copytree(first.out_dir, other)
+    meta = json.loads((other / ADAPTER_METADATA).read_text())
+    (other / ADAPTER_METADATA).write_text(json.dumps(meta | {"purpose": "preference"}))
+    with pytest.raises(ValueError, match="not a memory adapter"):
+        train_memory(loaded, "synthetic", FAST, tmp_path / "p", start_from=other)
+
+
 def test_out_dir_that_is_not_an_adapter_is_refused_before_training(tmp_path) -> None:
     (tmp_path / "notes.txt").write_text("mine")
     loaded = make_tiny_llm()
@@ -469,6 +502,7 @@ def test_train_memory_command_end_to_end(tiny_folder, tmp_path, capsys) -> None:
         (["--data", "no-such-corpus.txt"], "corpus file not found"),
         (["--data", "synthetic", "--steps", "0"], "max_steps"),
         (["--data", "synthetic", "--adapter", "."], "leave out --adapter"),
+        (["--data", "synthetic", "--init", "no-such-adapter"], "does not exist"),
     ],
 )
 def test_train_memory_errors_are_one_line_and_exit_2(tiny_folder, tmp_path, capsys, extra, message) -> None:
