@@ -1,6 +1,6 @@
 """Memory recall, KV bytes, per-turn latency and perplexity: dense vs StreamingLLM vs StreamingDialogue.
 
-    PYTHONPATH=. python benchmarks/memory_recall.py [--model embedded] [--adapter DIR] [--device auto]
+    PYTHONPATH=. python benchmarks/memory_recall.py [--model embedded] [--adapter DIR ...] [--device auto]
         [--distances 1,10,100] [--trials 3] [--seed 0] [--turns 10,100,1000] [--json out.json]
 
 Dialogues are synthetic and deterministic by seed: small-talk filler, with facts stated at
@@ -23,7 +23,8 @@ Memory policies, fed the same dialogue one utterance at a time:
   once it no longer fits the model's context minus room for the new turn, as the app does;
 - ``streaming-llm``: ``StreamingLLMCache`` (sinks + a recent window), compressed per utterance;
 - ``streaming-dialogue``: ``StreamingDialogueCache`` (BOS + every EoU + the latest utterance),
-  untrained, and trained when ``--adapter`` is given (a LoRA from ``train-memory``).
+  untrained, and trained when ``--adapter`` is given (a LoRA from ``train-memory``; repeat
+  ``--adapter`` to set several trained rows side by side, named by their folders).
 The caches run under either position rule (``--positions``): ``compressed``, the project's rule
 (kept keys keep their rotation, new tokens count from the compressed length), or ``slot``
 (kept keys re-rotated to their slot in the cache, StreamingLLM's rule; see ``memory_cache``).
@@ -435,12 +436,14 @@ def _cache_policy(label: str, model: Any, make_cache: Callable[[], Any], eou: in
     return Policy(label, lambda: CacheMemory(label, model, make_cache, eou))
 
 
-def make_policies(base: Any, tokens: Tokens, context: int, llm: StreamingLLMConfig, trained: Any = None,
-                  dtype: torch.dtype | None = None, positions: Sequence[str] = ("compressed",)) -> list[Policy]:
+def make_policies(base: Any, tokens: Tokens, context: int, llm: StreamingLLMConfig,
+                  trained: Sequence[tuple[str, Any]] = (), dtype: torch.dtype | None = None,
+                  positions: Sequence[str] = ("compressed",)) -> list[Policy]:
     """dense, then streaming-llm and streaming-dialogue under each position rule in ``positions``.
 
-    ``base`` runs every row; ``trained`` (a model with a memory adapter) adds trained
-    streaming-dialogue rows. ``dtype``: what the KV cache holds (default: the model's).
+    ``base`` runs every row; each ``(name, model)`` in ``trained`` (a model with a memory
+    adapter) adds trained streaming-dialogue rows, "trained NAME" (plain "trained" when the
+    name is empty). ``dtype``: what the KV cache holds (default: the model's).
     """
     if not positions or any(rule not in POSITION_RULES for rule in positions):
         raise ValueError(f"positions must be some of {POSITION_RULES}; got {positions!r}")
@@ -449,7 +452,8 @@ def make_policies(base: Any, tokens: Tokens, context: int, llm: StreamingLLMConf
     policies = [Policy("dense", lambda: DenseMemory("dense", base, context, bos, per_token))]
     # The streaming-dialogue module may predate the shared MemoryCache: then it has one rule only.
     dialogue_shifts = "rope_shift" in inspect.signature(StreamingDialogueCache.__init__).parameters
-    models = [("", base)] if trained is None else [(" untrained", base), (" trained", trained)]
+    models = [("", base)] if not trained else [
+        (" untrained", base), *((f" trained {name}".rstrip(), model) for name, model in trained)]
     for rule in positions:
         slot, tag = rule == "slot", f"{rule} pos"
         shift = RopeShift.from_model(base) if slot else None
@@ -671,23 +675,29 @@ class BenchConfig:
             raise ValueError(f"positions must be some of {POSITION_RULES}")
 
 
-def _load(args: argparse.Namespace) -> tuple[Any, Any]:
-    """The base model, and the model with ``--adapter`` applied (None without one)."""
+def _load(args: argparse.Namespace) -> tuple[Any, list[tuple[str, Any]]]:
+    """The base model, and (name, model with it applied) for each ``--adapter``.
+
+    One adapter keeps the plain "trained" label; several are told apart by folder name.
+    """
     from personalign.models import ModelConfig, load_model
 
     base = load_model(ModelConfig(model=args.model, device=args.device, quantize=args.quantize))
-    if args.adapter is None:
-        return base, None
+    adapters = [Path(a) for a in args.adapter or ()]
+    if len({a.name for a in adapters}) < len(adapters):
+        raise SystemExit("error: --adapter folders must have different names (they label the rows)")
     # Only passed when given, so the script runs on a ModelConfig without the option too.
-    return base, load_model(ModelConfig(model=args.model, device=args.device, quantize=args.quantize,
-                                        adapter=Path(args.adapter)))
+    return base, [("" if len(adapters) == 1 else a.name,
+                   load_model(ModelConfig(model=args.model, device=args.device, quantize=args.quantize, adapter=a)))
+                  for a in adapters]
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     defaults = BenchConfig()
     parser.add_argument("--model", default="embedded")
-    parser.add_argument("--adapter", default=None, help="a LoRA from train-memory: adds a trained StreamingDialogue row")
+    parser.add_argument("--adapter", action="append", default=None,
+                        help="a LoRA from train-memory: adds trained StreamingDialogue rows (repeat to compare several)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quantize", default="auto")
     parser.add_argument("--distances", type=_ints, default=defaults.distances)
@@ -720,11 +730,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     tokens = Tokens(base.tokenizer, base.eou_token_id, base.tokenizer.bos_token_id)
     context = Engine(base).max_context()
     policies = make_policies(base.model, tokens, context, StreamingLLMConfig(config.sink_tokens, config.window),
-                             None if trained is None else trained.model, base.dtype, config.positions)
+                             [(name, t.model) for name, t in trained], base.dtype, config.positions)
     logger.info("policies: %s", ", ".join(p.label for p in policies))
 
     summary = {
-        "model": base.name + (f" + adapter {Path(args.adapter).name}" if args.adapter else ""),
+        "model": base.name + "".join(f" + adapter {Path(a).name}" for a in args.adapter or ()),
         "device": str(base.device),
         "dtype": str(base.dtype).removeprefix("torch."),
         "context": context,

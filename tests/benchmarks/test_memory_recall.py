@@ -175,9 +175,13 @@ def test_streaming_dialogue_memory_grows_by_one_entry_per_utterance(tiny_llm, to
 
 def test_policy_rows_and_labels(tiny_llm, tokens) -> None:
     llm = StreamingLLMConfig(sink_tokens=1, window=32)
-    labels = [p.label for p in mr.make_policies(tiny_llm.model, tokens, 512, llm, trained=tiny_llm.model)]
+    labels = [p.label for p in mr.make_policies(tiny_llm.model, tokens, 512, llm, trained=[("", tiny_llm.model)])]
     assert labels == ["dense", "streaming-llm 1+32 (compressed pos)", "streaming-dialogue untrained (compressed pos)",
                       "streaming-dialogue trained (compressed pos)"]
+    two = [("one-stage", tiny_llm.model), ("two-stage", tiny_llm.model)]
+    labels = [p.label for p in mr.make_policies(tiny_llm.model, tokens, 512, llm, trained=two, positions=("slot",))]
+    assert labels[2:] == ["streaming-dialogue untrained (slot pos)", "streaming-dialogue trained one-stage (slot pos)",
+                          "streaming-dialogue trained two-stage (slot pos)"]
     labels = [p.label for p in mr.make_policies(tiny_llm.model, tokens, 512, llm, positions=mr.POSITION_RULES)]
     assert labels[:4] == ["dense", "streaming-llm 1+32 (compressed pos)", "streaming-dialogue (compressed pos)",
                           "streaming-llm 1+32 (slot pos)"]
