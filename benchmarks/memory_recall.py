@@ -25,9 +25,11 @@ Memory policies, fed the same dialogue one utterance at a time:
 - ``streaming-dialogue``: ``StreamingDialogueCache`` (BOS + every EoU + the latest utterance),
   untrained, and trained when ``--adapter`` is given (a LoRA from ``train-memory``; repeat
   ``--adapter`` to set several trained rows side by side, named by their folders).
-The caches run under either position rule (``--positions``): ``compressed``, the project's rule
-(kept keys keep their rotation, new tokens count from the compressed length), or ``slot``
-(kept keys re-rotated to their slot in the cache, StreamingLLM's rule; see ``memory_cache``).
+The caches run under each position rule named in ``--positions`` (see ``memory_cache``):
+``compressed`` (kept keys keep their rotation, new tokens count from the compressed length, the
+reference code's rule), ``slot`` (kept keys re-rotated to their slot in the cache, StreamingLLM's
+rule) and ``distance`` (kept keys re-rotated to their true distance in the dialogue, capped where
+dense truncates: what the memory training trains under).
 
 Beside recall, a single long dialogue is fed to every policy in lockstep and measured at the
 ``--turns`` checkpoints: KV bytes held (dense: what its re-read holds, and what it would hold
@@ -42,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import json
 import logging
 import math
@@ -59,14 +60,13 @@ import torch
 
 from personalign.generation import decode_one_token, new_cache, prefill
 from personalign.memory import kv_bytes_per_token
-from personalign.memory_cache import RopeShift
+from personalign.memory_cache import POSITION_RULES, Positions
 from personalign.streaming_dialogue import StreamingDialogueCache
 from personalign.streaming_llm import StreamingLLMCache, StreamingLLMConfig
 
 logger = logging.getLogger("memory_recall")
 
 CANDIDATES = 4  # the true value + 3 distractors
-POSITION_RULES = ("compressed", "slot")
 LEAD = 2  # filler utterances before the oldest fact, so no fact sits right after BOS
 DENSE_RESERVE = 128  # tokens the dense window leaves free for the new turn and its reply
 
@@ -450,22 +450,17 @@ def make_policies(base: Any, tokens: Tokens, context: int, llm: StreamingLLMConf
     eou, bos = tokens.eou_id, tokens.bos_id
     per_token = kv_bytes_per_token(base, dtype or base.dtype)
     policies = [Policy("dense", lambda: DenseMemory("dense", base, context, bos, per_token))]
-    # The streaming-dialogue module may predate the shared MemoryCache: then it has one rule only.
-    dialogue_shifts = "rope_shift" in inspect.signature(StreamingDialogueCache.__init__).parameters
     models = [("", base)] if not trained else [
         (" untrained", base), *((f" trained {name}".rstrip(), model) for name, model in trained)]
     for rule in positions:
-        slot, tag = rule == "slot", f"{rule} pos"
-        shift = RopeShift.from_model(base) if slot else None
+        tag = f"{rule} pos"
+        # Capped where dense truncates, so no kept key is read further back than dense reads.
+        rope = Positions.for_model(rule, base, max_distance=context - DENSE_RESERVE if rule == "distance" else None)
         policies.append(_cache_policy(f"streaming-llm {llm.sink_tokens}+{llm.window} ({tag})", base,
-                                      lambda s=shift: StreamingLLMCache(llm, rope_shift=s), eou))
-        if slot and not dialogue_shifts:
-            logger.warning("StreamingDialogueCache takes no rope_shift yet: its %s rows are left out", tag)
-            continue
+                                      lambda r=rope: StreamingLLMCache(llm, positions=r), eou))
         for name, model in models:
-            extra = {"rope_shift": RopeShift.from_model(model)} if slot else {}
             policies.append(_cache_policy(f"streaming-dialogue{name} ({tag})", model,
-                                          lambda e=extra: StreamingDialogueCache(eou, bos, **e), eou))
+                                          lambda r=rope: StreamingDialogueCache(eou, bos, positions=r), eou))
     return policies
 
 
@@ -648,6 +643,13 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
+def _rules(text: str) -> tuple[str, ...]:
+    rules = tuple(dict.fromkeys(r for r in re.split(r"[,\s]+", text.strip()) if r))
+    if not rules or any(r not in POSITION_RULES for r in rules):
+        raise argparse.ArgumentTypeError(f"expected some of {', '.join(POSITION_RULES)}; got {text!r}")
+    return rules
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     """What to measure; the defaults finish in minutes on a CPU (a GPU run takes larger ones)."""
@@ -710,13 +712,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--reply-tokens", type=int, default=defaults.reply_tokens)
     parser.add_argument("--sinks", type=int, default=defaults.sink_tokens)
     parser.add_argument("--window", type=int, default=defaults.window)
-    parser.add_argument("--positions", choices=(*POSITION_RULES, "both"), default="both",
-                        help="position rule of the caches: compressed (the project's), slot (StreamingLLM's), both")
+    parser.add_argument("--positions", type=_rules, default=POSITION_RULES,
+                        help="position rules of the caches, comma-separated: compressed, slot, distance (default: all)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    positions = POSITION_RULES if args.positions == "both" else (args.positions,)
+    positions = args.positions
     config = BenchConfig(args.distances, args.trials, args.seed, args.turns, args.held_back, args.repeats,
                          args.reply_tokens, args.sinks, args.window, positions)
     if args.threads:

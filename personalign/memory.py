@@ -33,7 +33,7 @@ import torch
 
 from personalign.errors import UserError
 from personalign.generation import prefill
-from personalign.memory_cache import MemoryCache, RopeShift, close_turn
+from personalign.memory_cache import MemoryCache, Positions, close_turn
 from personalign.models import LoadedModel
 from personalign.streaming_dialogue import StreamingDialogueCache
 from personalign.streaming_llm import StreamingLLMCache
@@ -120,11 +120,11 @@ def new_cache(policy: MemoryPolicy, loaded: LoadedModel) -> MemoryCache:
     badly: held-back perplexity 192 vs 25 for StreamingDialogue, 178 vs 5.6 for StreamingLLM
     (benchmarks/RESULTS.md). Slots also keep every position inside the trained context.
     """
-    shift = RopeShift.from_model(loaded.model)
+    positions = Positions.for_model("slot", loaded.model)
     if policy is MemoryPolicy.STREAMING_DIALOGUE:
-        return StreamingDialogueCache(loaded.eou_token_id, loaded.tokenizer.bos_token_id, rope_shift=shift)
+        return StreamingDialogueCache(loaded.eou_token_id, loaded.tokenizer.bos_token_id, positions=positions)
     if policy is MemoryPolicy.STREAMING_LLM:
-        return StreamingLLMCache(rope_shift=shift)
+        return StreamingLLMCache(positions=positions)
     raise ValueError(f"{policy.value} memory keeps no cache between turns")
 
 

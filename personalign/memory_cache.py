@@ -6,26 +6,33 @@ the last compress, asks the subclass which entries to keep (``keep_indices``) an
 same entries on every layer. Eviction never happens inside a turn, so a turn longer than
 whatever the policy keeps still decodes exactly as with a plain ``DynamicCache``.
 
-Position rule (the one the StreamingDialogue reference code uses): kept keys keep the RoPE
-rotation they were computed with, and new tokens get positions counted from the *compressed*
-length. The cache reports the compressed length from ``get_seq_length()``, so the model's own
-default position computation (``cache_position = arange(past_len, past_len + T)``) applies the
-rule with no copied forward. ``rope_positions`` records the position each cached entry was
-rotated with; ``kept_positions`` records its absolute index in the whole dialogue token stream.
+New tokens always go where the model's own default puts them: positions counted from the
+cache length (``cache_position = arange(past_len, past_len + T)``), so no forward is copied
+and no caller passes positions. What a ``Positions`` rule decides is where the *kept* keys
+sit relative to them; a cache that keeps K entries places the next token at K. Three rules:
 
-That rule places a new turn *before* the kept keys of the previous one (they were rotated
-further on, before the eviction shortened the cache), and an untrained model reads such
-negative distances badly. With a ``RopeShift`` the cache instead re-rotates every kept key to
-its slot in the cache when it compresses, the StreamingLLM paper's "positions within the
-cache": kept entries sit at 0..K-1, new tokens follow at K, and every distance is positive and
-inside the trained range however long the dialogue runs.
+- ``compressed`` (the StreamingDialogue reference code's): kept keys keep the RoPE rotation
+  they were computed with. A new turn then sits *before* the kept keys of the previous one
+  (they were rotated further on, before the eviction shortened the cache): negative
+  distances, which an untrained model reads badly.
+- ``slot`` (the StreamingLLM paper's "positions within the cache"): at every compress each
+  kept key is re-rotated to its slot, 0..K-1. Every distance is positive and small.
+- ``distance``: each kept key is re-rotated so that its distance to the next token is its
+  true distance in the dialogue, capped at ``max_distance``. Below the cap this is exactly
+  what a full forward of the dialogue under the eviction's attention mask computes, the
+  setting ``memory_training`` trains the sinks in; the cap keeps every distance inside the
+  model's trained context however long the dialogue runs (older keys all sit at the cap).
+
+``rope_positions`` records the position each cached entry is rotated with now;
+``kept_positions`` records its absolute index in the whole dialogue token stream.
 
 The module knows nothing of which entries a policy keeps, of chat templates or of storage.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -71,19 +78,68 @@ class RopeShift:
         return (k * angles.cos() + rotated * angles.sin()).to(keys.dtype)
 
 
+POSITION_RULES = ("compressed", "slot", "distance")
+
+
+@dataclass(frozen=True)
+class Positions:
+    """Where a compressing cache puts its kept keys (see the module docstring for the rules).
+
+    ``slot`` and ``distance`` re-rotate keys, so they need the model's ``RopeShift``;
+    ``max_distance`` caps the ``distance`` rule (None: no cap).
+    """
+
+    rule: str = "compressed"
+    shift: RopeShift | None = None
+    max_distance: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.rule not in POSITION_RULES:
+            raise ValueError(f"the position rule must be one of {', '.join(POSITION_RULES)}; got {self.rule!r}")
+        if (self.shift is None) != (self.rule == "compressed"):
+            raise ValueError(f"the {self.rule} rule {'needs' if self.shift is None else 'takes no'} RopeShift")
+        if self.max_distance is not None and (self.rule != "distance" or not isinstance(self.max_distance, int)
+                                              or isinstance(self.max_distance, bool) or self.max_distance < 1):
+            raise ValueError(f"max_distance is a whole number >= 1 for the distance rule; got {self.max_distance!r}")
+
+    @classmethod
+    def for_model(cls, rule: str, model: Any, *, max_distance: int | None = None) -> Positions:
+        """The rule ``rule`` with ``model``'s rotary frequencies, where it needs them."""
+        return cls(rule, None if rule == "compressed" else RopeShift.from_model(model), max_distance)
+
+    def __deepcopy__(self, memo: dict) -> Positions:
+        return self  # frozen and stateless: copies of a cache can share it
+
+    def targets(self, kept: Sequence[int], seen: int) -> list[int] | None:
+        """The position each kept entry should be rotated at; None to leave every key as it is.
+
+        ``kept``: the entries' absolute indices in the dialogue; ``seen``: the index of the next
+        token, which the model places at ``len(kept)``.
+        """
+        if self.rule == "compressed":
+            return None
+        if self.rule == "slot":
+            return list(range(len(kept)))
+        cap = seen if self.max_distance is None else self.max_distance
+        return [len(kept) - min(seen - a, cap) for a in kept]
+
+
+
 class MemoryCache(DynamicCache):
     """A ``DynamicCache`` whose ``compress`` evicts, between turns, to what ``keep_indices`` keeps.
 
     Subclasses implement ``keep_indices`` and may refine ``check_tokens`` (what the cached ids
-    must look like) and ``check_turn`` (what a finished turn must end with). With ``rope_shift``
-    compress also moves every kept key to its slot in the cache (see the module docstring).
+    must look like) and ``check_turn`` (what a finished turn must end with). ``positions`` says
+    where compress puts the kept keys (default: where they were computed; see the module docstring).
     """
 
-    def __init__(self, *, rope_shift: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
+    def __init__(self, *, positions: Positions | None = None) -> None:
         # No config: full-attention DynamicLayers only, created lazily per layer; a
         # sliding-window layer would evict on its own and break the shared bookkeeping.
         super().__init__()
-        self.rope_shift = rope_shift
+        self.positions = Positions() if positions is None else positions
+        if not isinstance(self.positions, Positions):
+            raise TypeError(f"positions must be a Positions; got {type(self.positions).__name__}")
         self._tokens: list[int] = []  # id of each cached entry, in cache order
         self._kept: list[int] = []  # absolute dialogue index of each cached entry
         self._rope: list[int] = []  # position each cached entry was rotated with
@@ -159,20 +215,19 @@ class MemoryCache(DynamicCache):
         self._tokens = [tokens[i] for i in keep]
         self._kept = [absolute[i] for i in keep]
         self._rope = [rope[i] for i in keep]
-        if self.rope_shift is not None:
-            self._move_to_slots()
+        self._place()
         return list(self._kept)
 
-    def _move_to_slots(self) -> None:
-        """Re-rotate every kept key to its index in the cache; ``rope_positions`` become 0..K-1."""
-        slots = list(range(len(self._rope)))
-        if self._rope == slots:
+    def _place(self) -> None:
+        """Re-rotate the kept keys to where the position rule puts them (``rope_positions``)."""
+        targets = self.positions.targets(self._kept, self._seen)
+        if targets is None or targets == self._rope:
             return
-        delta = torch.tensor(slots) - torch.tensor(self._rope)  # (K,)
+        delta = torch.tensor(targets) - torch.tensor(self._rope)  # (K,)
         for layer in self.layers:
             if getattr(layer, "is_initialized", False):
-                layer.keys = self.rope_shift(layer.keys, delta)  # (B, H, K, D)
-        self._rope = slots
+                layer.keys = self.positions.shift(layer.keys, delta)  # (B, H, K, D)
+        self._rope = targets
 
     def _select(self, keep: Sequence[int]) -> None:
         """Keep only the entries at ``keep`` on every initialised layer."""
@@ -200,6 +255,7 @@ class MemoryCache(DynamicCache):
         ]
         return {
             "policy": type(self).__name__,
+            "positions": self.positions.rule,
             "tokens": list(self._tokens),
             "kept": list(self._kept),
             "rope": list(self._rope),
@@ -215,6 +271,10 @@ class MemoryCache(DynamicCache):
         if policy is not None and policy != type(self).__name__:
             # Entries kept by one policy are not a valid state of another.
             raise ValueError(f"the saved state is a {policy}, not a {type(self).__name__}")
+        # Keys rotated under one rule would be read at the wrong distances under another.
+        rule = state.get("positions", "unrecorded")
+        if rule != self.positions.rule:
+            raise ValueError(f"the saved state was kept under the {rule} position rule, not {self.positions.rule}")
         tokens, layers = [int(t) for t in state["tokens"]], state["layers"]
         if not layers or any(k.shape[-2] != len(tokens) or v.shape != k.shape for k, v in layers):
             raise ValueError("the saved layers do not match the saved token list")
@@ -226,6 +286,7 @@ class MemoryCache(DynamicCache):
         self._kept = [int(p) for p in state["kept"]]
         self._rope = [int(p) for p in state["rope"]]
         self._seen = int(state["seen"])
+        self._place()  # a rule's cap may differ from the one the state was saved under
 
 
 def close_turn(model: Any, cache: MemoryCache, turn_token_ids: Sequence[int]) -> list[int]:

@@ -13,13 +13,9 @@ This module holds the two pieces of the method that inference needs:
 - ``StreamingDialogueCache``: a ``DynamicCache`` that behaves exactly like one while a turn is
   prefilled or decoded, and whose ``compress`` evicts between turns, identically on every layer.
 
-Position rule (the one the reference code uses): kept keys keep the RoPE rotation they were
-computed with, and new tokens get positions counted from the *compressed* length. The cache
-reports the compressed length from ``get_seq_length()``, so the model's own default position
-computation (``cache_position = arange(past_len, past_len + T)``) applies the rule with no
-copied forward, and positions stay within the trained context however long the dialogue runs.
-``rope_positions`` records the position each cached entry was rotated with; ``kept_positions``
-records its absolute index in the whole dialogue token stream.
+Where kept keys sit relative to new tokens is the cache's ``Positions`` rule (``memory_cache``).
+Under ``distance``, below its cap, turn-by-turn compression computes exactly what one forward of
+the whole dialogue under ``streaming_dialogue_mask`` computes: the setting the sinks are trained in.
 
 The module knows nothing about chat templates, tokenizers, storage or the UI; it is given
 token ids and the EoU / BOS ids. It does not train the sinks (SMR/LMR training lives elsewhere).
@@ -27,12 +23,12 @@ token ids and the EoU / BOS ids. It does not train the sinks (SMR/LMR training l
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from personalign.memory_cache import MemoryCache, close_turn  # noqa: F401  (close_turn is shared)
+from personalign.memory_cache import MemoryCache, Positions, close_turn  # noqa: F401  (close_turn is shared)
 
 
 def utterance_index(token_ids: Sequence[int], eou_id: int) -> list[int]:
@@ -107,9 +103,9 @@ class StreamingDialogueCache(MemoryCache):
         eou_id: int,
         bos_id: int | None = None,
         *,
-        rope_shift: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        positions: Positions | None = None,
     ) -> None:
-        super().__init__(rope_shift=rope_shift)
+        super().__init__(positions=positions)
         self.eou_id = int(eou_id)
         self.bos_id = None if bos_id is None else int(bos_id)
 

@@ -11,13 +11,11 @@ It has the public surface of ``StreamingDialogueCache`` (``compress``, ``cached_
 turns, in ``compress``; inside a turn it grows as a plain ``DynamicCache``, so a turn longer
 than the window still decodes exactly.
 
-Position rule: by default the shared one (see ``memory_cache``): kept keys keep their
-rotation and new tokens count from the compressed length. Once the window is full every turn
-then starts at position ``sink_tokens + window``, so the turns held in the window were rotated
-with overlapping positions. The StreamingLLM paper instead gives every entry its position
-within the cache (it caches keys before RoPE); pass ``rope_shift=RopeShift.from_model(model)``
-for that rule: kept keys are re-rotated to their slots at each ``compress``.
-``benchmarks/memory_recall.py`` measures both.
+Position rule: the cache's ``Positions`` (``memory_cache``). Under the default, ``compressed``,
+every turn starts at position ``sink_tokens + window`` once the window is full, so the turns
+held in the window were rotated with overlapping positions. The StreamingLLM paper instead
+gives every entry its position within the cache (it caches keys before RoPE): that is the
+``slot`` rule. ``benchmarks/memory_recall.py`` measures each.
 
 The module knows nothing of tokenizers, chat templates or utterances: it never looks at the
 token ids it keeps.
@@ -25,12 +23,10 @@ token ids it keeps.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
-from personalign.memory_cache import MemoryCache
+from personalign.memory_cache import MemoryCache, Positions
 
 
 def _is_int(value: object) -> bool:
@@ -74,9 +70,9 @@ class StreamingLLMCache(MemoryCache):
         self,
         config: StreamingLLMConfig | None = None,
         *,
-        rope_shift: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        positions: Positions | None = None,
     ) -> None:
-        super().__init__(rope_shift=rope_shift)
+        super().__init__(positions=positions)
         self.config = StreamingLLMConfig() if config is None else config
         if not isinstance(self.config, StreamingLLMConfig):
             raise TypeError(f"config must be a StreamingLLMConfig; got {type(self.config).__name__}")

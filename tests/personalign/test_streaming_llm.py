@@ -13,7 +13,7 @@ from personalign.generation import (
     generate_tokens,
     prefill,
 )
-from personalign.memory_cache import RopeShift, close_turn
+from personalign.memory_cache import Positions, RopeShift, close_turn
 from personalign.streaming_llm import (
     StreamingLLMCache,
     StreamingLLMConfig,
@@ -139,7 +139,7 @@ def test_after_compress_next_token_is_placed_at_the_compressed_length(tiny_llm) 
     assert cache.kept_positions == [0, 15, 16, 17, 18, 19, len(ids)]
 
 
-# --- the cache-slot position rule (RopeShift) ---------------------------------------------------
+# --- the cache-slot position rule (Positions, RopeShift) ---------------------------------------------------
 
 
 def _layer0_keys(model, ids: list[int], positions: list[int]) -> torch.Tensor:
@@ -167,10 +167,10 @@ def test_rope_shift_moves_keys_to_other_positions(tiny_llm) -> None:
         shift(keys[..., :8], delta)
 
 
-def test_with_rope_shift_compress_moves_kept_keys_to_their_slots(tiny_llm) -> None:
+def test_under_the_slot_rule_compress_moves_kept_keys_to_their_slots(tiny_llm) -> None:
     model = tiny_llm.model
     ids = [BOS, *_utterance(6, 11), *_utterance(7, 8)]  # 20 tokens
-    cache = StreamingLLMCache(StreamingLLMConfig(sink_tokens=2, window=5), rope_shift=RopeShift.from_model(model))
+    cache = StreamingLLMCache(StreamingLLMConfig(sink_tokens=2, window=5), positions=Positions.for_model("slot", model))
     _feed(model, ids, cache)
     kept = cache.compress(ids)
 
@@ -187,7 +187,7 @@ def test_with_rope_shift_compress_moves_kept_keys_to_their_slots(tiny_llm) -> No
     assert cache.rope_positions == list(range(7))
     assert cache.kept_positions == [0, 1, 19, 20, 21, 22, 23]
     torch.testing.assert_close(cache.layers[0].keys, _layer0_keys(model, cache.cached_tokens, list(range(7))))
-    assert copy.deepcopy(cache).rope_shift is cache.rope_shift  # stateless: copies share it
+    assert copy.deepcopy(cache).positions is cache.positions  # stateless: copies share it
 
 
 # --- behaviour inside and across turns --------------------------------------------------------

@@ -1,0 +1,151 @@
+"""Position rules of the compressing caches: arithmetic, and what each rule makes the model compute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from personalign.generation import prefill
+from personalign.memory_cache import POSITION_RULES, Positions, RopeShift
+from personalign.streaming_dialogue import (
+    StreamingDialogueCache,
+    additive_mask,
+    streaming_dialogue_mask,
+)
+from personalign.streaming_llm import StreamingLLMCache, StreamingLLMConfig
+
+BOS, EOU = 1, 2  # as in tests/conftest.py (and SmolLM2)
+
+
+def _utterance(seed: int, length: int) -> list[int]:
+    """Deterministic ids of one utterance (byte tokens 3..258), ending with the EoU."""
+    generator = torch.Generator().manual_seed(seed)
+    return [*torch.randint(3, 259, (length - 1,), generator=generator).tolist(), EOU]
+
+
+def _dialogue(lengths: list[int]) -> list[list[int]]:
+    utterances = [_utterance(seed, n) for seed, n in enumerate(lengths)]
+    utterances[0] = [BOS, *utterances[0]]
+    return utterances
+
+
+def _layer0_keys(model, ids: list[int], positions: list[int]) -> torch.Tensor:
+    """Layer-0 keys of ``ids`` rotated at ``positions``: (1, H, T, D); layer 0 sees RoPE alone."""
+    cache = StreamingLLMCache()
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([ids]), past_key_values=cache, position_ids=torch.tensor([positions]))
+    return cache.layers[0].keys
+
+
+# --- the rule itself --------------------------------------------------------------------------
+
+
+def test_positions_are_checked(tiny_llm) -> None:
+    shift = RopeShift.from_model(tiny_llm.model)
+    assert Positions().rule == "compressed" and POSITION_RULES == ("compressed", "slot", "distance")
+    for bad in (
+        {"rule": "absolute", "shift": shift},
+        {"rule": "slot"},  # re-rotating needs the model's frequencies
+        {"rule": "distance"},
+        {"rule": "compressed", "shift": shift},
+        {"rule": "slot", "shift": shift, "max_distance": 8},  # only distance has a cap
+        {"rule": "distance", "shift": shift, "max_distance": 0},
+        {"rule": "distance", "shift": shift, "max_distance": 2.5},
+    ):
+        with pytest.raises(ValueError):
+            Positions(**bad)
+    with pytest.raises(TypeError):
+        StreamingDialogueCache(EOU, BOS, positions="slot")
+    assert Positions.for_model("compressed", tiny_llm.model).shift is None
+    assert Positions.for_model("distance", tiny_llm.model, max_distance=9).max_distance == 9
+
+
+def test_targets_on_hand_built_positions(tiny_llm) -> None:
+    shift = RopeShift.from_model(tiny_llm.model)
+    kept, seen = [0, 5, 9, 10, 11], 12  # BOS, an EoU, and the latest utterance 9..11; next token is 12
+    assert Positions().targets(kept, seen) is None
+    assert Positions("slot", shift).targets(kept, seen) == [0, 1, 2, 3, 4]
+    # The next token sits at len(kept) = 5; each key keeps its true distance to it.
+    assert Positions("distance", shift).targets(kept, seen) == [5 - 12, 5 - 7, 5 - 3, 5 - 2, 5 - 1]
+    # ... at most 4: BOS and the EoU sit together at distance 4.
+    assert Positions("distance", shift, max_distance=4).targets(kept, seen) == [1, 1, 2, 3, 4]
+
+
+# --- what the model computes under each rule ----------------------------------------------------
+
+
+@torch.inference_mode()
+def _last_utterance_logits(model, utterances: list[list[int]], positions: Positions) -> torch.Tensor:
+    """Logits over the last utterance, every earlier one fed and compressed turn by turn: (T, V)."""
+    cache = StreamingDialogueCache(EOU, BOS, positions=positions)
+    for ids in utterances[:-1]:
+        prefill(model, torch.tensor([ids]), cache)
+        cache.compress(ids)
+    return model(input_ids=torch.tensor([utterances[-1]]), past_key_values=cache).logits[0]
+
+
+def test_distance_rule_equals_one_masked_forward_of_the_whole_dialogue(tiny_llm) -> None:
+    """The trained setting: every utterance sees BOS, earlier EoUs and the previous utterance at true distances."""
+    model = tiny_llm.model
+    utterances = _dialogue([6, 9, 4, 7, 5, 8])
+    ids = [t for u in utterances for t in u]
+    mask = additive_mask(streaming_dialogue_mask(ids, EOU, BOS), torch.float32)  # (1, 1, T, T)
+    with torch.inference_mode():
+        full = model(input_ids=torch.tensor([ids]), attention_mask=mask).logits[0]  # (T, V)
+    expected = full[-len(utterances[-1]):]
+
+    distance = _last_utterance_logits(model, utterances, Positions.for_model("distance", model))
+    torch.testing.assert_close(distance, expected, atol=1e-4, rtol=1e-4)
+    # The other rules place the kept keys elsewhere, so they compute something else.
+    for rule in ("compressed", "slot"):
+        assert not torch.allclose(_last_utterance_logits(model, utterances, Positions.for_model(rule, model)),
+                                  expected, atol=1e-3)
+
+
+def test_a_capped_distance_puts_older_keys_at_the_cap(tiny_llm) -> None:
+    model = tiny_llm.model
+    utterances = _dialogue([5, 6, 4, 6])  # 22 tokens
+    cache = StreamingDialogueCache(EOU, BOS, positions=Positions.for_model("distance", model, max_distance=8))
+    for ids in utterances:
+        prefill(model, torch.tensor([ids]), cache)
+        cache.compress(ids)
+    kept, seen = cache.kept_positions, cache.tokens_seen
+    assert kept == [0, 5, 11, 15, 16, 17, 18, 19, 20, 21] and seen == 22
+    # The next token goes to 10 = len(kept); BOS and the first two EoUs are more than 8 back.
+    assert cache.rope_positions == [2, 2, 2, 3, 4, 5, 6, 7, 8, 9]
+    torch.testing.assert_close(cache.layers[0].keys, _layer0_keys(model, cache.cached_tokens, cache.rope_positions))
+
+
+def test_distance_rule_keeps_streaming_llm_windows_at_true_distances(tiny_llm) -> None:
+    model = tiny_llm.model
+    cache = StreamingLLMCache(StreamingLLMConfig(sink_tokens=1, window=4), positions=Positions.for_model("distance", model))
+    ids = [BOS, *_utterance(3, 12)]
+    prefill(model, torch.tensor([ids]), cache)
+    assert cache.compress(ids) == [0, 9, 10, 11, 12]
+    assert cache.rope_positions == [5 - 13, 1, 2, 3, 4]
+
+
+# --- saving -----------------------------------------------------------------------------------
+
+
+def test_a_state_saved_under_one_rule_loads_only_under_it(tiny_llm) -> None:
+    model = tiny_llm.model
+    utterances = _dialogue([5, 6, 4])
+    cache = StreamingDialogueCache(EOU, BOS, positions=Positions.for_model("distance", model))
+    for ids in utterances:
+        prefill(model, torch.tensor([ids]), cache)
+        cache.compress(ids)
+    state = cache.export_state()
+    assert state["positions"] == "distance"
+    with pytest.raises(ValueError, match="distance position rule, not slot"):
+        StreamingDialogueCache(EOU, BOS, positions=Positions.for_model("slot", model)).load_state(state, "cpu")
+    with pytest.raises(ValueError, match="unrecorded"):
+        StreamingDialogueCache(EOU, BOS, positions=cache.positions).load_state(
+            {k: v for k, v in state.items() if k != "positions"}, "cpu")
+
+    # Under another cap the loaded keys are moved to where that cap puts them.
+    capped = StreamingDialogueCache(EOU, BOS, positions=Positions.for_model("distance", model, max_distance=3))
+    capped.load_state(state, "cpu")
+    assert capped.rope_positions == capped.positions.targets(capped.kept_positions, capped.tokens_seen)
+    torch.testing.assert_close(capped.layers[0].keys,
+                               _layer0_keys(model, capped.cached_tokens, capped.rope_positions))
