@@ -58,7 +58,12 @@ from typing import Any
 
 import torch
 
-from personalign.generation import decode_one_token, new_cache, prefill
+from personalign.generation import (
+    decode_one_token,
+    new_cache,
+    position_ids_after,
+    prefill,
+)
 from personalign.memory import kv_bytes_per_token
 from personalign.memory_cache import POSITION_RULES, Positions
 from personalign.streaming_dialogue import StreamingDialogueCache
@@ -274,8 +279,9 @@ def continuation_logprobs(
     for option in options:
         total = float(first[int(option[0])])
         if len(option) > 1:
-            out = model(input_ids=torch.tensor([list(option[:-1])], device=device), past_key_values=cache,
-                        use_cache=True)
+            ids = torch.tensor([list(option[:-1])], device=device)  # (1, L-1)
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True,
+                        position_ids=position_ids_after(cache, ids.shape[1], device))
             logprobs = torch.log_softmax(out.logits[0].float(), dim=-1)  # (L-1, V)
             targets = torch.tensor(list(option[1:]), device=logprobs.device)[:, None]  # (L-1, 1)
             total += float(logprobs.gather(1, targets).sum())

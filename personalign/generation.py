@@ -81,6 +81,19 @@ def new_cache(model: Any) -> Any:
         return DynamicCache()
 
 
+def position_ids_after(cache: Any, length: int, device: Any) -> torch.Tensor | None:
+    """Positions of the next ``length`` tokens fed to ``cache``: (1, length), or None for the default.
+
+    The model's default continues from the cache length. A compressing cache whose position
+    rule places new tokens elsewhere (``memory_cache``) reports how far off in ``position_offset``.
+    """
+    offset = getattr(cache, "position_offset", 0)
+    if not offset:
+        return None
+    start = cache.get_seq_length() + offset
+    return torch.arange(start, start + length, device=device)[None]  # (1, length)
+
+
 @torch.inference_mode()
 def prefill(model: Any, input_ids: torch.Tensor, cache: Any) -> torch.Tensor:
     """Run the whole prompt through the model, filling ``cache``; return last-position logits.
@@ -88,17 +101,19 @@ def prefill(model: Any, input_ids: torch.Tensor, cache: Any) -> torch.Tensor:
     input_ids: (B, T) -> logits: (B, V)
     """
     # logits_to_keep=1: only the last position is needed, which saves a (B, T, V) tensor.
-    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                position_ids=position_ids_after(cache, input_ids.shape[1], input_ids.device))
     return out.logits[:, -1, :]  # (B, 1, V) -> (B, V)
 
 
 @torch.inference_mode()
 def decode_one_token(model: Any, token: torch.Tensor, cache: Any) -> torch.Tensor:
-    """Feed one new token per sequence; positions follow from the cache length.
+    """Feed one new token per sequence, at the position the cache gives it.
 
     token: (B, 1) -> logits: (B, V)
     """
-    out = model(input_ids=token, past_key_values=cache, use_cache=True)
+    out = model(input_ids=token, past_key_values=cache, use_cache=True,
+                position_ids=position_ids_after(cache, 1, token.device))
     return out.logits[:, -1, :]  # (B, 1, V) -> (B, V)
 
 

@@ -6,22 +6,25 @@ the last compress, asks the subclass which entries to keep (``keep_indices``) an
 same entries on every layer. Eviction never happens inside a turn, so a turn longer than
 whatever the policy keeps still decodes exactly as with a plain ``DynamicCache``.
 
-New tokens always go where the model's own default puts them: positions counted from the
-cache length (``cache_position = arange(past_len, past_len + T)``), so no forward is copied
-and no caller passes positions. What a ``Positions`` rule decides is where the *kept* keys
-sit relative to them; a cache that keeps K entries places the next token at K. Three rules:
+No forward is copied. A rule decides where the kept keys sit and where the next token goes:
+the model's default puts it at the cache length (``cache_position = arange(past_len, ...)``),
+and a cache whose rule puts it elsewhere says so in ``position_offset``, which
+``generation.position_ids_after`` turns into the ``position_ids`` argument. Three rules:
 
 - ``compressed`` (the StreamingDialogue reference code's): kept keys keep the RoPE rotation
-  they were computed with. A new turn then sits *before* the kept keys of the previous one
-  (they were rotated further on, before the eviction shortened the cache): negative
-  distances, which an untrained model reads badly.
+  they were computed with, and the next token goes to the cache length. A new turn then sits
+  *before* the kept keys of the previous one (they were rotated further on, before the
+  eviction shortened the cache): negative distances, which an untrained model reads badly.
 - ``slot`` (the StreamingLLM paper's "positions within the cache"): at every compress each
-  kept key is re-rotated to its slot, 0..K-1. Every distance is positive and small.
-- ``distance``: each kept key is re-rotated so that its distance to the next token is its
-  true distance in the dialogue, capped at ``max_distance``. Below the cap this is exactly
-  what a full forward of the dialogue under the eviction's attention mask computes, the
-  setting ``memory_training`` trains the sinks in; the cap keeps every distance inside the
-  model's trained context however long the dialogue runs (older keys all sit at the cap).
+  kept key is re-rotated to its slot, 0..K-1, and the next token goes to K. Every distance
+  is positive and small.
+- ``distance``: every token goes to its absolute index in the dialogue and kept keys keep
+  their rotation, so each distance is the true one. That is exactly what one forward of the
+  whole dialogue under the eviction's attention mask computes, the setting
+  ``memory_training`` trains the sinks in. ``max_distance`` keeps long dialogues inside the
+  model's trained context: a key that falls more than ``max_distance`` behind is re-rotated
+  forward to ``max_distance // 2`` behind (so each key is turned once per half-cap of tokens,
+  not every turn; repeated turns in bf16 would blur it).
 
 ``rope_positions`` records the position each cached entry is rotated with now;
 ``kept_positions`` records its absolute index in the whole dialogue token stream.
@@ -83,7 +86,7 @@ POSITION_RULES = ("compressed", "slot", "distance")
 
 @dataclass(frozen=True)
 class Positions:
-    """Where a compressing cache puts its kept keys (see the module docstring for the rules).
+    """Where a compressing cache puts its kept keys and its next token (see the module docstring).
 
     ``slot`` and ``distance`` re-rotate keys, so they need the model's ``RopeShift``;
     ``max_distance`` caps the ``distance`` rule (None: no cap).
@@ -99,8 +102,8 @@ class Positions:
         if (self.shift is None) != (self.rule == "compressed"):
             raise ValueError(f"the {self.rule} rule {'needs' if self.shift is None else 'takes no'} RopeShift")
         if self.max_distance is not None and (self.rule != "distance" or not isinstance(self.max_distance, int)
-                                              or isinstance(self.max_distance, bool) or self.max_distance < 1):
-            raise ValueError(f"max_distance is a whole number >= 1 for the distance rule; got {self.max_distance!r}")
+                                              or isinstance(self.max_distance, bool) or self.max_distance < 2):
+            raise ValueError(f"max_distance is a whole number >= 2 for the distance rule; got {self.max_distance!r}")
 
     @classmethod
     def for_model(cls, rule: str, model: Any, *, max_distance: int | None = None) -> Positions:
@@ -110,19 +113,20 @@ class Positions:
     def __deepcopy__(self, memo: dict) -> Positions:
         return self  # frozen and stateless: copies of a cache can share it
 
-    def targets(self, kept: Sequence[int], seen: int) -> list[int] | None:
-        """The position each kept entry should be rotated at; None to leave every key as it is.
+    def place(self, kept: Sequence[int], rope: Sequence[int], seen: int) -> tuple[list[int], int]:
+        """Where the kept entries go (their new rotation positions), and the next token's position.
 
-        ``kept``: the entries' absolute indices in the dialogue; ``seen``: the index of the next
-        token, which the model places at ``len(kept)``.
+        ``kept``: the entries' absolute indices in the dialogue; ``rope``: the positions they are
+        rotated at now; ``seen``: the absolute index of the next token.
         """
         if self.rule == "compressed":
-            return None
+            return list(rope), len(rope)
         if self.rule == "slot":
-            return list(range(len(kept)))
-        cap = seen if self.max_distance is None else self.max_distance
-        return [len(kept) - min(seen - a, cap) for a in kept]
-
+            return list(range(len(rope))), len(rope)
+        if self.max_distance is None:
+            return list(rope), seen
+        back = self.max_distance // 2
+        return [r if seen - r <= self.max_distance else seen - back for r in rope], seen
 
 
 class MemoryCache(DynamicCache):
@@ -142,8 +146,9 @@ class MemoryCache(DynamicCache):
             raise TypeError(f"positions must be a Positions; got {type(self.positions).__name__}")
         self._tokens: list[int] = []  # id of each cached entry, in cache order
         self._kept: list[int] = []  # absolute dialogue index of each cached entry
-        self._rope: list[int] = []  # position each cached entry was rotated with
+        self._rope: list[int] = []  # position each cached entry is rotated at
         self._seen = 0  # tokens fed over the whole dialogue
+        self._offset = 0  # the next token's position minus the cache length
 
     # --- the policy -------------------------------------------------------------------------
 
@@ -175,6 +180,11 @@ class MemoryCache(DynamicCache):
         return list(self._rope)
 
     @property
+    def position_offset(self) -> int:
+        """How far past the cache length the next token's position lies (0: the model's default)."""
+        return self._offset
+
+    @property
     def tokens_seen(self) -> int:
         """Tokens fed over the whole dialogue (what a dense cache would hold), as of the last ``compress``."""
         return self._seen
@@ -203,8 +213,8 @@ class MemoryCache(DynamicCache):
             )
         tokens = self._tokens + new
         self.check_tokens(tokens)
-        # New tokens were placed by the default rule: positions continue from the cache length.
-        start = len(self._rope)
+        # New tokens went to consecutive positions from the cache length plus the offset.
+        start = len(self._rope) + self._offset
         absolute = self._kept + list(range(self._seen, self._seen + len(new)))
         rope = self._rope + list(range(start, start + len(new)))
         self._seen += len(new)
@@ -219,9 +229,10 @@ class MemoryCache(DynamicCache):
         return list(self._kept)
 
     def _place(self) -> None:
-        """Re-rotate the kept keys to where the position rule puts them (``rope_positions``)."""
-        targets = self.positions.targets(self._kept, self._seen)
-        if targets is None or targets == self._rope:
+        """Re-rotate the kept keys to where the position rule puts them, and set the next position."""
+        targets, next_position = self.positions.place(self._kept, self._rope, self._seen)
+        self._offset = next_position - len(targets)
+        if targets == self._rope:
             return
         delta = torch.tensor(targets) - torch.tensor(self._rope)  # (K,)
         for layer in self.layers:
@@ -260,6 +271,7 @@ class MemoryCache(DynamicCache):
             "kept": list(self._kept),
             "rope": list(self._rope),
             "seen": self._seen,
+            "offset": self._offset,
             "layers": layers,
         }
 
@@ -286,6 +298,7 @@ class MemoryCache(DynamicCache):
         self._kept = [int(p) for p in state["kept"]]
         self._rope = [int(p) for p in state["rope"]]
         self._seen = int(state["seen"])
+        self._offset = int(state.get("offset", 0))
         self._place()  # a rule's cap may differ from the one the state was saved under
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
-from personalign.generation import prefill
+from personalign.generation import decode_one_token, position_ids_after, prefill
 from personalign.memory_cache import POSITION_RULES, Positions, RopeShift
 from personalign.streaming_dialogue import (
     StreamingDialogueCache,
@@ -60,15 +62,18 @@ def test_positions_are_checked(tiny_llm) -> None:
     assert Positions.for_model("distance", tiny_llm.model, max_distance=9).max_distance == 9
 
 
-def test_targets_on_hand_built_positions(tiny_llm) -> None:
+def test_placement_on_hand_built_positions(tiny_llm) -> None:
     shift = RopeShift.from_model(tiny_llm.model)
     kept, seen = [0, 5, 9, 10, 11], 12  # BOS, an EoU, and the latest utterance 9..11; next token is 12
-    assert Positions().targets(kept, seen) is None
-    assert Positions("slot", shift).targets(kept, seen) == [0, 1, 2, 3, 4]
-    # The next token sits at len(kept) = 5; each key keeps its true distance to it.
-    assert Positions("distance", shift).targets(kept, seen) == [5 - 12, 5 - 7, 5 - 3, 5 - 2, 5 - 1]
-    # ... at most 4: BOS and the EoU sit together at distance 4.
-    assert Positions("distance", shift, max_distance=4).targets(kept, seen) == [1, 1, 2, 3, 4]
+    rope = [0, 5, 9, 10, 11]
+    assert Positions().place(kept, [0, 3, 4, 5, 6], seen) == ([0, 3, 4, 5, 6], 5)  # next at the cache length
+    assert Positions("slot", shift).place(kept, rope, seen) == ([0, 1, 2, 3, 4], 5)
+    # Every key keeps its true distance to the next token, which goes to its dialogue index.
+    assert Positions("distance", shift).place(kept, rope, seen) == (rope, 12)
+    # More than 4 back: moved forward to 2 back, where it stays until it is 4 back again.
+    assert Positions("distance", shift, max_distance=4).place(kept, rope, seen) == ([10, 10, 9, 10, 11], 12)
+    assert Positions("distance", shift, max_distance=4).place(kept, [10, 10, 9, 10, 11], 14) == (
+        [10, 10, 12, 10, 11], 14)
 
 
 # --- what the model computes under each rule ----------------------------------------------------
@@ -81,7 +86,8 @@ def _last_utterance_logits(model, utterances: list[list[int]], positions: Positi
     for ids in utterances[:-1]:
         prefill(model, torch.tensor([ids]), cache)
         cache.compress(ids)
-    return model(input_ids=torch.tensor([utterances[-1]]), past_key_values=cache).logits[0]
+    ids = torch.tensor([utterances[-1]])  # (1, T)
+    return model(input_ids=ids, past_key_values=cache, position_ids=position_ids_after(cache, ids.shape[1], "cpu")).logits[0]
 
 
 def test_distance_rule_equals_one_masked_forward_of_the_whole_dialogue(tiny_llm) -> None:
@@ -111,8 +117,9 @@ def test_a_capped_distance_puts_older_keys_at_the_cap(tiny_llm) -> None:
         cache.compress(ids)
     kept, seen = cache.kept_positions, cache.tokens_seen
     assert kept == [0, 5, 11, 15, 16, 17, 18, 19, 20, 21] and seen == 22
-    # The next token goes to 10 = len(kept); BOS and the first two EoUs are more than 8 back.
-    assert cache.rope_positions == [2, 2, 2, 3, 4, 5, 6, 7, 8, 9]
+    # BOS (moved at 12 and 22) and the first two EoUs fell more than 8 behind: now 4 behind.
+    assert cache.rope_positions == [18, 18, 18, 15, 16, 17, 18, 19, 20, 21]
+    assert cache.position_offset == seen - len(kept)
     torch.testing.assert_close(cache.layers[0].keys, _layer0_keys(model, cache.cached_tokens, cache.rope_positions))
 
 
@@ -122,7 +129,24 @@ def test_distance_rule_keeps_streaming_llm_windows_at_true_distances(tiny_llm) -
     ids = [BOS, *_utterance(3, 12)]
     prefill(model, torch.tensor([ids]), cache)
     assert cache.compress(ids) == [0, 9, 10, 11, 12]
-    assert cache.rope_positions == [5 - 13, 1, 2, 3, 4]
+    assert cache.rope_positions == [0, 9, 10, 11, 12] and cache.position_offset == 13 - 5
+
+
+def test_decoding_after_a_distance_compress_goes_on_from_the_dialogue_index(tiny_llm) -> None:
+    model = tiny_llm.model
+    utterances = _dialogue([6, 9, 4])
+    cache = StreamingDialogueCache(EOU, BOS, positions=Positions.for_model("distance", model))
+    for ids in utterances:
+        prefill(model, torch.tensor([ids]), cache)
+        cache.compress(ids)
+    assert position_ids_after(cache, 2, "cpu").tolist() == [[20, 21]]
+    assert position_ids_after(StreamingDialogueCache(EOU, BOS), 2, "cpu") is None  # the model's default
+    token = torch.tensor([[40]])  # (1, 1)
+    twin = copy.deepcopy(cache)
+    with torch.inference_mode():
+        explicit = model(input_ids=token, past_key_values=twin, position_ids=torch.tensor([[20]])).logits[:, -1]
+    torch.testing.assert_close(decode_one_token(model, token, cache), explicit)
+    assert position_ids_after(cache, 1, "cpu").tolist() == [[21]]
 
 
 # --- saving -----------------------------------------------------------------------------------
@@ -146,6 +170,6 @@ def test_a_state_saved_under_one_rule_loads_only_under_it(tiny_llm) -> None:
     # Under another cap the loaded keys are moved to where that cap puts them.
     capped = StreamingDialogueCache(EOU, BOS, positions=Positions.for_model("distance", model, max_distance=3))
     capped.load_state(state, "cpu")
-    assert capped.rope_positions == capped.positions.targets(capped.kept_positions, capped.tokens_seen)
+    assert capped.rope_positions == [15, 15, 15, 15, 13, 14, 15] != cache.rope_positions
     torch.testing.assert_close(capped.layers[0].keys,
                                _layer0_keys(model, capped.cached_tokens, capped.rope_positions))
