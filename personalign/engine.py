@@ -35,10 +35,6 @@ from personalign.models import LoadedModel
 
 log = logging.getLogger(__name__)
 
-# Context lengths beyond this are rarely usable on one consumer device (KV cache memory).
-MAX_CONTEXT_CAP = 32_768
-_FALLBACK_CONTEXT = 2_048
-
 
 @dataclass(frozen=True)
 class StreamStats:
@@ -139,15 +135,8 @@ class Engine:
         return len(self.encode(messages))
 
     def max_context(self) -> int:
-        """Tokens the model can attend to (prompt + reply), capped at ``MAX_CONTEXT_CAP``."""
-        config = self.loaded.model.config
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        limit = getattr(text_config, "max_position_embeddings", None)
-        if not limit:
-            tok_limit = getattr(self.loaded.tokenizer, "model_max_length", None)
-            # Tokenizers without a limit report a huge sentinel (~1e30).
-            limit = tok_limit if tok_limit and tok_limit < 10_000_000 else _FALLBACK_CONTEXT
-        return int(min(limit, MAX_CONTEXT_CAP))
+        """Tokens the model can attend to (prompt + reply): ``LoadedModel.context_length``."""
+        return self.loaded.context_length
 
     def stream(
         self,

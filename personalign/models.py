@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 
 QUANTIZE_CHOICES = ("auto", "none", "4bit", "8bit")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
+# Context lengths beyond this are rarely usable on one consumer device (KV cache memory).
+MAX_CONTEXT_CAP = 32_768
+_FALLBACK_CONTEXT = 2_048
 # Assistant text used to find the end-of-turn token in a chat template.
 _PROBE_REPLY = "PersonalignProbeReply"
 ADAPTER_CONFIG = "adapter_config.json"  # what peft's save_pretrained writes into an adapter folder
@@ -133,6 +136,18 @@ class LoadedModel:
             stop_token_ids=stop_token_ids_for(model, tokenizer, eou),
             load_seconds=load_seconds,
         )
+
+    @property
+    def context_length(self) -> int:
+        """Tokens the model can attend to (prompt + reply), capped at ``MAX_CONTEXT_CAP``."""
+        config = self.model.config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        limit = getattr(text_config, "max_position_embeddings", None)
+        if not limit:
+            tok_limit = getattr(self.tokenizer, "model_max_length", None)
+            # Tokenizers without a limit report a huge sentinel (~1e30).
+            limit = tok_limit if tok_limit and tok_limit < 10_000_000 else _FALLBACK_CONTEXT
+        return int(min(limit, MAX_CONTEXT_CAP))
 
 
 def _resolve_device(requested: str) -> torch.device:
