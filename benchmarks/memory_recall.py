@@ -28,8 +28,8 @@ Memory policies, fed the same dialogue one utterance at a time:
 The caches run under each position rule named in ``--positions`` (see ``memory_cache``):
 ``compressed`` (kept keys keep their rotation, new tokens count from the compressed length, the
 reference code's rule), ``slot`` (kept keys re-rotated to their slot in the cache, StreamingLLM's
-rule) and ``distance`` (kept keys re-rotated to their true distance in the dialogue, capped where
-dense truncates: what the memory training trains under).
+rule) and ``distance`` (every kept key at its true distance in the dialogue, capped as the app caps
+it: what the memory training trains under).
 
 Beside recall, a single long dialogue is fed to every policy in lockstep and measured at the
 ``--turns`` checkpoints: KV bytes held (dense: what its re-read holds, and what it would hold
@@ -64,8 +64,8 @@ from personalign.generation import (
     position_ids_after,
     prefill,
 )
-from personalign.memory import kv_bytes_per_token
-from personalign.memory_cache import POSITION_RULES, Positions
+from personalign.memory import kv_bytes_per_token, memory_positions
+from personalign.memory_cache import POSITION_RULES
 from personalign.streaming_dialogue import StreamingDialogueCache
 from personalign.streaming_llm import StreamingLLMCache, StreamingLLMConfig
 
@@ -460,8 +460,7 @@ def make_policies(base: Any, tokens: Tokens, context: int, llm: StreamingLLMConf
         (" untrained", base), *((f" trained {name}".rstrip(), model) for name, model in trained)]
     for rule in positions:
         tag = f"{rule} pos"
-        # Capped where dense truncates, so no kept key is read further back than dense reads.
-        rope = Positions.for_model(rule, base, max_distance=context - DENSE_RESERVE if rule == "distance" else None)
+        rope = memory_positions(rule, base, context)  # as the app builds them
         policies.append(_cache_policy(f"streaming-llm {llm.sink_tokens}+{llm.window} ({tag})", base,
                                       lambda r=rope: StreamingLLMCache(llm, positions=r), eou))
         for name, model in models:

@@ -8,12 +8,14 @@ import torch
 from personalign.engine import Engine
 from personalign.generation import GenerationConfig, generate_tokens
 from personalign.memory import (
+    TURN_RESERVE,
     ConversationMemory,
     MemoryFileError,
     MemoryPolicy,
     MemoryTemplateError,
     dense_meter,
     kv_bytes_per_token,
+    memory_positions,
     replay,
 )
 from personalign.streaming_dialogue import kept_indices
@@ -167,7 +169,21 @@ def test_decode_loop_over_the_memory_cache_matches_stream_turn(tiny_llm) -> None
     assert stream.stats.new_tokens == len(expected)
 
 
-def test_app_memories_keep_kept_keys_in_their_cache_slots(tiny_llm) -> None:
-    for policy in (MemoryPolicy.STREAMING_DIALOGUE, MemoryPolicy.STREAMING_LLM):
-        memory = _replayed(tiny_llm, TURNS, policy)
-        assert memory.cache.rope_positions == list(range(len(memory.cache.cached_tokens)))
+def test_app_memories_place_streaming_dialogue_at_true_distances_and_streaming_llm_in_slots(tiny_llm) -> None:
+    dialogue = _replayed(tiny_llm, TURNS, MemoryPolicy.STREAMING_DIALOGUE).cache
+    assert dialogue.positions.rule == "distance"
+    assert dialogue.positions.max_distance == tiny_llm.context_length - min(TURN_RESERVE, tiny_llm.context_length // 4)
+    assert dialogue.rope_positions == dialogue.kept_positions  # no key re-rotated: each at its dialogue index
+    assert dialogue.position_offset == dialogue.tokens_seen - len(dialogue.cached_tokens) > 0
+    window = _replayed(tiny_llm, TURNS, MemoryPolicy.STREAMING_LLM).cache
+    assert window.rope_positions == list(range(len(window.cached_tokens))) and window.position_offset == 0
+
+
+def test_a_memory_saved_under_another_position_rule_is_not_loaded(tiny_llm, tmp_path) -> None:
+    """Files the app saved before the distance rule hold slot-rotated keys: they are rebuilt, not misread."""
+    memory = _replayed(tiny_llm, TURNS[:2])
+    path = tmp_path / "1.pt"
+    memory.cache.positions = memory_positions("slot", tiny_llm.model, tiny_llm.context_length)
+    memory.save(path)
+    with pytest.raises(MemoryFileError, match="position rule"):
+        ConversationMemory.load(path, tiny_llm, MemoryPolicy.STREAMING_DIALOGUE)
