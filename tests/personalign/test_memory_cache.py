@@ -1,4 +1,4 @@
-"""Position rules of the compressing caches: arithmetic, and what each rule makes the model compute."""
+"""Position rules of the compressing caches (Positions, RopeShift): arithmetic, and what each makes the model compute."""
 
 from __future__ import annotations
 
@@ -74,6 +74,43 @@ def test_placement_on_hand_built_positions(tiny_llm) -> None:
     assert Positions("distance", shift, max_distance=4).place(kept, rope, seen) == ([10, 10, 9, 10, 11], 12)
     assert Positions("distance", shift, max_distance=4).place(kept, [10, 10, 9, 10, 11], 14) == (
         [10, 10, 12, 10, 11], 14)
+
+
+def test_rope_shift_moves_keys_to_other_positions(tiny_llm) -> None:
+    model = tiny_llm.model
+    ids = [BOS, 40, 41, 42, 43]
+    at = [0, 1, 2, 3, 4]
+    moved = [0, 9, 3, 2, 30]
+    shift = RopeShift.from_model(model)
+    delta = torch.tensor(moved) - torch.tensor(at)
+    torch.testing.assert_close(shift(_layer0_keys(model, ids, at), delta), _layer0_keys(model, ids, moved))
+    keys = _layer0_keys(model, ids, at)
+    torch.testing.assert_close(shift(keys, torch.zeros(5, dtype=torch.long)), keys)
+    with pytest.raises(ValueError, match="dims"):
+        shift(keys[..., :8], delta)
+
+
+def test_under_the_slot_rule_compress_moves_kept_keys_to_their_slots(tiny_llm) -> None:
+    model = tiny_llm.model
+    ids = [BOS, *_utterance(6, 11), *_utterance(7, 8)]  # 20 tokens
+    cache = StreamingLLMCache(StreamingLLMConfig(sink_tokens=2, window=5), positions=Positions.for_model("slot", model))
+    prefill(model, torch.tensor([ids]), cache)
+    kept = cache.compress(ids)
+
+    assert kept == [0, 1, 15, 16, 17, 18, 19]  # the same entries as without the shift
+    assert cache.rope_positions == list(range(7))
+    kept_ids = [ids[i] for i in kept]
+    torch.testing.assert_close(cache.layers[0].keys, _layer0_keys(model, kept_ids, list(range(7))))
+
+    # New tokens follow at the compressed length, after every kept key; the next compress
+    # moves the window's keys to their new slots again.
+    turn = _utterance(8, 4)
+    prefill(model, torch.tensor([turn]), cache)
+    cache.compress(turn)
+    assert cache.rope_positions == list(range(7))
+    assert cache.kept_positions == [0, 1, 19, 20, 21, 22, 23]
+    torch.testing.assert_close(cache.layers[0].keys, _layer0_keys(model, cache.cached_tokens, list(range(7))))
+    assert copy.deepcopy(cache).positions is cache.positions  # stateless: copies share it
 
 
 # --- what the model computes under each rule ----------------------------------------------------

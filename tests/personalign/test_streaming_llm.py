@@ -1,4 +1,4 @@
-"""StreamingLLM baseline cache: sinks + window eviction, position rule and memory on the tiny random model."""
+"""StreamingLLM baseline cache: sinks + window eviction, turns and memory on the tiny random model."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from personalign.generation import (
     generate_tokens,
     prefill,
 )
-from personalign.memory_cache import Positions, RopeShift, close_turn
+from personalign.memory_cache import close_turn
 from personalign.streaming_llm import (
     StreamingLLMCache,
     StreamingLLMConfig,
@@ -137,57 +137,6 @@ def test_after_compress_next_token_is_placed_at_the_compressed_length(tiny_llm) 
     cache.compress([40])
     assert cache.rope_positions == [0, 15, 16, 17, 18, 19, compressed]
     assert cache.kept_positions == [0, 15, 16, 17, 18, 19, len(ids)]
-
-
-# --- the cache-slot position rule (Positions, RopeShift) ---------------------------------------------------
-
-
-def _layer0_keys(model, ids: list[int], positions: list[int]) -> torch.Tensor:
-    """Layer-0 keys of ``ids`` rotated at ``positions``: (1, H, T, D).
-
-    Layer 0 reads only the embeddings, so its keys depend on the positions through RoPE alone.
-    """
-    cache = StreamingLLMCache()
-    with torch.inference_mode():
-        model(input_ids=torch.tensor([ids]), past_key_values=cache, position_ids=torch.tensor([positions]))
-    return cache.layers[0].keys
-
-
-def test_rope_shift_moves_keys_to_other_positions(tiny_llm) -> None:
-    model = tiny_llm.model
-    ids = [BOS, 40, 41, 42, 43]
-    at = [0, 1, 2, 3, 4]
-    moved = [0, 9, 3, 2, 30]
-    shift = RopeShift.from_model(model)
-    delta = torch.tensor(moved) - torch.tensor(at)
-    torch.testing.assert_close(shift(_layer0_keys(model, ids, at), delta), _layer0_keys(model, ids, moved))
-    keys = _layer0_keys(model, ids, at)
-    torch.testing.assert_close(shift(keys, torch.zeros(5, dtype=torch.long)), keys)
-    with pytest.raises(ValueError, match="dims"):
-        shift(keys[..., :8], delta)
-
-
-def test_under_the_slot_rule_compress_moves_kept_keys_to_their_slots(tiny_llm) -> None:
-    model = tiny_llm.model
-    ids = [BOS, *_utterance(6, 11), *_utterance(7, 8)]  # 20 tokens
-    cache = StreamingLLMCache(StreamingLLMConfig(sink_tokens=2, window=5), positions=Positions.for_model("slot", model))
-    _feed(model, ids, cache)
-    kept = cache.compress(ids)
-
-    assert kept == [0, 1, 15, 16, 17, 18, 19]  # the same entries as without the shift
-    assert cache.rope_positions == list(range(7))
-    kept_ids = [ids[i] for i in kept]
-    torch.testing.assert_close(cache.layers[0].keys, _layer0_keys(model, kept_ids, list(range(7))))
-
-    # New tokens follow at the compressed length, after every kept key; the next compress
-    # moves the window's keys to their new slots again.
-    turn = _utterance(8, 4)
-    _feed(model, turn, cache)
-    cache.compress(turn)
-    assert cache.rope_positions == list(range(7))
-    assert cache.kept_positions == [0, 1, 19, 20, 21, 22, 23]
-    torch.testing.assert_close(cache.layers[0].keys, _layer0_keys(model, cache.cached_tokens, list(range(7))))
-    assert copy.deepcopy(cache).positions is cache.positions  # stateless: copies share it
 
 
 # --- behaviour inside and across turns --------------------------------------------------------
