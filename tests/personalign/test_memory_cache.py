@@ -31,6 +31,15 @@ def _dialogue(lengths: list[int]) -> list[list[int]]:
     return utterances
 
 
+def _fed(model, utterances: list[list[int]], positions: Positions) -> StreamingDialogueCache:
+    """A StreamingDialogue cache under ``positions``, each utterance fed and compressed in turn."""
+    cache = StreamingDialogueCache(EOU, BOS, positions=positions)
+    for ids in utterances:
+        prefill(model, torch.tensor([ids]), cache)
+        cache.compress(ids)
+    return cache
+
+
 def _layer0_keys(model, ids: list[int], positions: list[int]) -> torch.Tensor:
     """Layer-0 keys of ``ids`` rotated at ``positions``: (1, H, T, D); layer 0 sees RoPE alone."""
     cache = StreamingLLMCache()
@@ -119,10 +128,7 @@ def test_under_the_slot_rule_compress_moves_kept_keys_to_their_slots(tiny_llm) -
 @torch.inference_mode()
 def _last_utterance_logits(model, utterances: list[list[int]], positions: Positions) -> torch.Tensor:
     """Logits over the last utterance, every earlier one fed and compressed turn by turn: (T, V)."""
-    cache = StreamingDialogueCache(EOU, BOS, positions=positions)
-    for ids in utterances[:-1]:
-        prefill(model, torch.tensor([ids]), cache)
-        cache.compress(ids)
+    cache = _fed(model, utterances[:-1], positions)
     ids = torch.tensor([utterances[-1]])  # (1, T)
     return model(input_ids=ids, past_key_values=cache, position_ids=position_ids_after(cache, ids.shape[1], "cpu")).logits[0]
 
@@ -148,10 +154,7 @@ def test_distance_rule_equals_one_masked_forward_of_the_whole_dialogue(tiny_llm)
 def test_a_capped_distance_puts_older_keys_at_the_cap(tiny_llm) -> None:
     model = tiny_llm.model
     utterances = _dialogue([5, 6, 4, 6])  # 22 tokens
-    cache = StreamingDialogueCache(EOU, BOS, positions=Positions.for_model("distance", model, max_distance=8))
-    for ids in utterances:
-        prefill(model, torch.tensor([ids]), cache)
-        cache.compress(ids)
+    cache = _fed(model, utterances, Positions.for_model("distance", model, max_distance=8))
     kept, seen = cache.kept_positions, cache.tokens_seen
     assert kept == [0, 5, 11, 15, 16, 17, 18, 19, 20, 21] and seen == 22
     # BOS (moved at 12 and 22) and the first two EoUs fell more than 8 behind: now 4 behind.
@@ -172,10 +175,7 @@ def test_distance_rule_keeps_streaming_llm_windows_at_true_distances(tiny_llm) -
 def test_decoding_after_a_distance_compress_goes_on_from_the_dialogue_index(tiny_llm) -> None:
     model = tiny_llm.model
     utterances = _dialogue([6, 9, 4])
-    cache = StreamingDialogueCache(EOU, BOS, positions=Positions.for_model("distance", model))
-    for ids in utterances:
-        prefill(model, torch.tensor([ids]), cache)
-        cache.compress(ids)
+    cache = _fed(model, utterances, Positions.for_model("distance", model))
     assert position_ids_after(cache, 2, "cpu").tolist() == [[20, 21]]
     assert position_ids_after(StreamingDialogueCache(EOU, BOS), 2, "cpu") is None  # the model's default
     token = torch.tensor([[40]])  # (1, 1)
@@ -192,10 +192,7 @@ def test_decoding_after_a_distance_compress_goes_on_from_the_dialogue_index(tiny
 def test_a_state_saved_under_one_rule_loads_only_under_it(tiny_llm) -> None:
     model = tiny_llm.model
     utterances = _dialogue([5, 6, 4])
-    cache = StreamingDialogueCache(EOU, BOS, positions=Positions.for_model("distance", model))
-    for ids in utterances:
-        prefill(model, torch.tensor([ids]), cache)
-        cache.compress(ids)
+    cache = _fed(model, utterances, Positions.for_model("distance", model))
     state = cache.export_state()
     assert state["positions"] == "distance"
     with pytest.raises(ValueError, match="distance position rule, not slot"):
