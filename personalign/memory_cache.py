@@ -271,7 +271,6 @@ class MemoryCache(DynamicCache):
             "kept": list(self._kept),
             "rope": list(self._rope),
             "seen": self._seen,
-            "offset": self._offset,
             "layers": layers,
         }
 
@@ -298,8 +297,8 @@ class MemoryCache(DynamicCache):
         self._kept = [int(p) for p in state["kept"]]
         self._rope = [int(p) for p in state["rope"]]
         self._seen = int(state["seen"])
-        self._offset = int(state.get("offset", 0))
-        self._place()  # a rule's cap may differ from the one the state was saved under
+        # Sets the next token's position from the rule; a cap may differ from the saved one.
+        self._place()
 
 
 def close_turn(model: Any, cache: MemoryCache, turn_token_ids: Sequence[int]) -> list[int]:
