@@ -73,6 +73,13 @@ def make_tiny_llm() -> LoadedModel:
     return LoadedModel.from_parts(make_tiny_model(len(tokenizer)), tokenizer, name="tiny-random-llama")
 
 
+def random_utterance(seed: int, length: int) -> list[int]:
+    """Deterministic ids of one ``length``-token utterance for the tiny model: byte tokens 3..258,
+    then its EoU (``<|im_end|>``, id 2), as the compressing caches see a closed utterance."""
+    generator = torch.Generator().manual_seed(seed)
+    return [*torch.randint(3, 259, (length - 1,), generator=generator).tolist(), 2]
+
+
 @pytest.fixture(scope="session")
 def tiny_llm() -> LoadedModel:
     """The tiny random chat model, shared by the session (do not mutate it)."""

@@ -15,18 +15,13 @@ from personalign.streaming_dialogue import (
     streaming_dialogue_mask,
 )
 from personalign.streaming_llm import StreamingLLMCache, StreamingLLMConfig
+from tests.conftest import random_utterance
 
 BOS, EOU = 1, 2  # as in tests/conftest.py (and SmolLM2)
 
 
-def _utterance(seed: int, length: int) -> list[int]:
-    """Deterministic ids of one utterance (byte tokens 3..258), ending with the EoU."""
-    generator = torch.Generator().manual_seed(seed)
-    return [*torch.randint(3, 259, (length - 1,), generator=generator).tolist(), EOU]
-
-
 def _dialogue(lengths: list[int]) -> list[list[int]]:
-    utterances = [_utterance(seed, n) for seed, n in enumerate(lengths)]
+    utterances = [random_utterance(seed, n) for seed, n in enumerate(lengths)]
     utterances[0] = [BOS, *utterances[0]]
     return utterances
 
@@ -101,7 +96,7 @@ def test_rope_shift_moves_keys_to_other_positions(tiny_llm) -> None:
 
 def test_under_the_slot_rule_compress_moves_kept_keys_to_their_slots(tiny_llm) -> None:
     model = tiny_llm.model
-    ids = [BOS, *_utterance(6, 11), *_utterance(7, 8)]  # 20 tokens
+    ids = [BOS, *random_utterance(6, 11), *random_utterance(7, 8)]  # 20 tokens
     cache = StreamingLLMCache(StreamingLLMConfig(sink_tokens=2, window=5), positions=Positions.for_model("slot", model))
     prefill(model, torch.tensor([ids]), cache)
     kept = cache.compress(ids)
@@ -113,7 +108,7 @@ def test_under_the_slot_rule_compress_moves_kept_keys_to_their_slots(tiny_llm) -
 
     # New tokens follow at the compressed length, after every kept key; the next compress
     # moves the window's keys to their new slots again.
-    turn = _utterance(8, 4)
+    turn = random_utterance(8, 4)
     prefill(model, torch.tensor([turn]), cache)
     cache.compress(turn)
     assert cache.rope_positions == list(range(7))
@@ -166,7 +161,7 @@ def test_a_capped_distance_puts_older_keys_at_the_cap(tiny_llm) -> None:
 def test_distance_rule_keeps_streaming_llm_windows_at_true_distances(tiny_llm) -> None:
     model = tiny_llm.model
     cache = StreamingLLMCache(StreamingLLMConfig(sink_tokens=1, window=4), positions=Positions.for_model("distance", model))
-    ids = [BOS, *_utterance(3, 12)]
+    ids = [BOS, *random_utterance(3, 12)]
     prefill(model, torch.tensor([ids]), cache)
     assert cache.compress(ids) == [0, 9, 10, 11, 12]
     assert cache.rope_positions == [0, 9, 10, 11, 12] and cache.position_offset == 13 - 5

@@ -19,6 +19,7 @@ from personalign.streaming_llm import (
     StreamingLLMConfig,
     sink_window_indices,
 )
+from tests.conftest import random_utterance
 
 BOS, EOU = 1, 2  # as in tests/conftest.py (and SmolLM2)
 GREEDY = GenerationConfig(temperature=0, max_new_tokens=12)
@@ -27,12 +28,6 @@ GREEDY = GenerationConfig(temperature=0, max_new_tokens=12)
 def _feed(model, ids: list[int], cache) -> torch.Tensor:
     """Run ``ids`` through the model into ``cache``; return last-position logits (1, V)."""
     return prefill(model, torch.tensor([ids]), cache)
-
-
-def _utterance(seed: int, length: int) -> list[int]:
-    """Deterministic ids of one utterance (byte tokens 3..258), ending with the EoU."""
-    generator = torch.Generator().manual_seed(seed)
-    return [*torch.randint(3, 259, (length - 1,), generator=generator).tolist(), EOU]
 
 
 def _encode(llm, text: str) -> list[int]:
@@ -62,7 +57,7 @@ def test_sink_window_indices() -> None:
 
 
 def test_compress_keeps_sinks_and_window_on_every_layer(tiny_llm) -> None:
-    ids = [BOS, *_utterance(0, 9), *_utterance(1, 7)]  # 17 tokens
+    ids = [BOS, *random_utterance(0, 9), *random_utterance(1, 7)]  # 17 tokens
     cache = StreamingLLMCache(StreamingLLMConfig(sink_tokens=2, window=5))
     _feed(tiny_llm.model, ids, cache)
     before = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]  # (B, H, T, D) each
@@ -87,7 +82,7 @@ def test_sinks_stay_the_first_dialogue_tokens_across_turns(tiny_llm) -> None:
     cache.compress(first)
     stream = list(first)
     for seed in range(4):
-        utterance = _utterance(seed, 5)
+        utterance = random_utterance(seed, 5)
         _feed(tiny_llm.model, utterance, cache)
         cache.compress(utterance)
         stream += utterance
@@ -111,7 +106,7 @@ def test_compress_checks_the_ids_match_the_cache(tiny_llm) -> None:
 
 def test_after_compress_next_token_is_placed_at_the_compressed_length(tiny_llm) -> None:
     model = tiny_llm.model
-    ids = [BOS, *_utterance(2, 11), *_utterance(3, 8)]  # 20 tokens
+    ids = [BOS, *random_utterance(2, 11), *random_utterance(3, 8)]  # 20 tokens
     cache = StreamingLLMCache(StreamingLLMConfig(sink_tokens=1, window=6))
     _feed(model, ids, cache)
     kept = cache.compress(ids)
@@ -198,7 +193,7 @@ def test_kv_bytes_shrink_on_eviction_then_stay_flat(tiny_llm) -> None:
     per_entry = 0
     after = []
     for seed in range(6):
-        utterance = ([BOS] if seed == 0 else []) + _utterance(seed, 6)
+        utterance = ([BOS] if seed == 0 else []) + random_utterance(seed, 6)
         _feed(model, utterance, cache)
         fed, fed_entries = cache.kv_bytes(), cache.get_seq_length()
         cache.compress(utterance)
@@ -219,7 +214,7 @@ def test_export_and_load_state_round_trip(tiny_llm) -> None:
     model = tiny_llm.model
     config = StreamingLLMConfig(sink_tokens=1, window=5)
     cache = StreamingLLMCache(config)
-    ids = [BOS, *_utterance(4, 12)]
+    ids = [BOS, *random_utterance(4, 12)]
     _feed(model, ids, cache)
     cache.compress(ids)
     state = cache.export_state()
