@@ -238,9 +238,27 @@ _ECHOES = (
     "{km} kilometres on a {car} is impressive.",
     "I saved your number, {phone}.",
 )
+# A question a speaker asks about a fact they stated themselves, and the other speaker's answer,
+# one pair per statement above (the introduction first), in the same order. Worded unlike the
+# statements, so the answer cannot be copied from the question: its values must come back from
+# the statement, which by then the StreamingDialogue cache holds only as its EoU.
+_QUESTIONS = (
+    ("Do you still remember where I live?", "Of course, you live in {city}."),
+    ("What time does my shift begin, do you remember?", "Your shift begins at {start}."),
+    ("Can you recall what my oldest {pet} is called?", "Your oldest {pet} is {pet_name}."),
+    ("Quick test: what colour is my front door?", "Your front door is {colour}."),
+    ("Where did my {relative} move to, and when?", "{rname} moved to {rcity} in {year}."),
+    ("Do you remember my address?", "You live at number {house} on {street} Street."),
+    ("How long do I practise each week?", "You practise the {instrument} for {hours} hours every {weekday}."),
+    ("What did I say I had so often last week?", "You had {food} {times} times."),
+    ("Did you note down my birthday?", "Yes, it is {month} {day}."),
+    ("How many kilometres are on my car?", "Your {car} has {km} kilometres on it."),
+    ("Do you have my phone number?", "Yes: {phone}."),
+)
 _OPENERS = ("Good to know, {other}. ", "Thanks, {other}. ", "I see, {other}. ", "", "", "")
 _CLOSERS = (" What about you, {other}?", " And you, {other}?", "", "", "")
 ECHO_RATE = 0.4  # share of turns, from the fifth on, that echo the other speaker instead of adding a fact
+QUESTION_RATE = 0.3  # share of the remaining turns from the fifth on that ask about an own fact
 
 
 def synthetic_dialogues(count: int, seed: int = 0) -> list[Dialogue]:
@@ -248,9 +266,11 @@ def synthetic_dialogues(count: int, seed: int = 0) -> list[Dialogue]:
 
     Names, numbers, colours and cities change from dialogue to dialogue, so copying an utterance
     back is only possible by remembering it: exactly what SMR and LMR reward. From the fifth
-    turn on, a speaker sometimes echoes a fact the other stated at least three utterances back
-    (never the previous utterance, which the StreamingDialogue cache keeps whole), so the
-    dialogue stage's loss on that echo can only fall by reading the fact out of an EoU sink.
+    turn on, a speaker sometimes echoes a fact the other stated at least three utterances back,
+    or asks about a fact of their own stated at least two utterances back, and the other answers.
+    Neither source is the previous utterance, which the StreamingDialogue cache keeps whole, so
+    the dialogue stage's loss on an echo or an answer can only fall by reading the fact out of an
+    EoU sink. The answers train the recall a user asks for: a question cues which sink to read.
     """
     if count < 1:
         raise ValueError(f"count must be at least 1; got {count}")
@@ -260,13 +280,20 @@ def synthetic_dialogues(count: int, seed: int = 0) -> list[Dialogue]:
         people = [_facts(rng), _facts(rng)]
         topics = [rng.sample(range(len(_TEMPLATES)), len(_TEMPLATES)) for _ in people]
         stated: list[tuple[int, int]] = []  # (utterance index, statement) of every fact-stating turn
-        turns = []
-        for i in range(rng.randint(6, 12)):
+        turns: list[str] = []
+        for _move in range(rng.randint(6, 12)):
+            i = len(turns)
             me, other = people[i % 2], people[1 - i % 2]["name"]
-            # The other speaker's statements, three or more utterances back (i-3, i-5, ...).
-            earlier = [k for j, k in stated if j % 2 != i % 2 and j <= i - 3]
-            if i >= 4 and earlier and rng.random() < ECHO_RATE:
-                turns.append(_ECHOES[rng.choice(earlier)].format(**people[1 - i % 2]))
+            # The other speaker's statements three or more utterances back (i-3, i-5, ...), and
+            # this speaker's own two or more back (i-2, i-4, ...).
+            theirs = [k for j, k in stated if j % 2 != i % 2 and j <= i - 3]
+            mine = [k for j, k in stated if j % 2 == i % 2 and j <= i - 2]
+            if i >= 4 and theirs and rng.random() < ECHO_RATE:
+                turns.append(_ECHOES[rng.choice(theirs)].format(**people[1 - i % 2]))
+                continue
+            if i >= 4 and mine and rng.random() < QUESTION_RATE:
+                question, answer = _QUESTIONS[rng.choice(mine)]
+                turns += [question.format(**me), answer.format(**me)]
                 continue
             statement = 0 if i < 2 else 1 + topics[i % 2].pop()
             stated.append((i, statement))

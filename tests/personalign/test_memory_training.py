@@ -14,6 +14,7 @@ import torch
 from personalign.cli import main
 from personalign.memory_training import (
     _ECHOES,
+    _QUESTIONS,
     IGNORE,
     MemoryTrainingConfig,
     build_samples,
@@ -306,7 +307,7 @@ def test_unreadable_corpus_paths_are_clear_errors(tmp_path) -> None:
 def test_synthetic_dialogues_are_deterministic_and_full_of_facts() -> None:
     first = synthetic_dialogues(50, seed=7)
     assert first == synthetic_dialogues(50, seed=7) != synthetic_dialogues(50, seed=8)
-    assert len(first) == 50 and all(6 <= len(d) <= 12 for d in first)
+    assert len(first) == 50 and all(6 <= len(d) <= 24 for d in first)
     assert len({d for d in first}) == 50
     utterances = [u for d in first for u in d]
     assert all(u.strip() == u and u for u in utterances)
@@ -315,9 +316,9 @@ def test_synthetic_dialogues_are_deterministic_and_full_of_facts() -> None:
         synthetic_dialogues(0)
 
 
-def _echo_values(utterance: str) -> tuple[str, ...] | None:
-    """The values an echo utterance repeats, or None when it is not an echo."""
-    for template in _ECHOES:
+def _values(utterance: str, templates: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The values ``utterance`` fills into the first of ``templates`` it matches, or None."""
+    for template in templates:
         pattern = re.escape(template)
         for field_name in set(re.findall(r"\{(\w+)\}", template)):
             pattern = pattern.replace(re.escape("{" + field_name + "}"), "(.+?)")
@@ -331,7 +332,7 @@ def test_synthetic_echoes_repeat_the_other_speakers_facts_from_three_or_more_utt
     echoes = 0
     for dialogue in synthetic_dialogues(200, seed=3):
         for i, utterance in enumerate(dialogue):
-            values = _echo_values(utterance)
+            values = _values(utterance, _ECHOES)
             if values is None:
                 continue
             echoes += 1
@@ -339,6 +340,23 @@ def test_synthetic_echoes_repeat_the_other_speakers_facts_from_three_or_more_utt
             sources = [dialogue[j] for j in range(i - 3, -1, -2)]
             assert i >= 4 and any(all(v in source for v in values) for source in sources), (i, utterance)
     assert echoes > 100
+
+
+def test_synthetic_answers_recall_the_askers_facts_from_beyond_the_question() -> None:
+    asked = [question for question, _ in _QUESTIONS]
+    answers = 0
+    for dialogue in synthetic_dialogues(200, seed=3):
+        for i, utterance in enumerate(dialogue[1:], start=1):
+            if _values(dialogue[i - 1], asked) is None:
+                continue
+            values = _values(utterance, tuple(answer for _, answer in _QUESTIONS))
+            assert values is not None, (dialogue[i - 1], utterance)
+            answers += 1
+            # The asker said it two or more utterances before asking: the answer, which sees the
+            # question whole, can find it only in an earlier utterance's sink.
+            sources = [dialogue[j] for j in range(i - 3, -1, -2)]
+            assert i >= 5 and any(all(v in source for v in values) for source in sources), (i, utterance)
+    assert answers > 100
 @pytest.mark.parametrize(
     "kwargs",
     [{"method": "sft"}, {"rank": 0}, {"lr": 0.0}, {"lr": 2.0}, {"max_steps": 0}, {"dropout": 1.0},
