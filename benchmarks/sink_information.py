@@ -1,13 +1,15 @@
 """How much the conversational sinks carry: memory-training losses with the sinks seen, hidden, and bypassed.
 
     PYTHONPATH=. python benchmarks/sink_information.py [--model embedded] [--device cpu]
-        [--adapter DIR ...] [--dialogues 40] [--samples 24] [--seed 4242]
+        [--adapter DIR ...] [--dialogues 200] [--samples 24] [--seed 4242]
 
 Recall through StreamingDialogue's cache needs two things: the EoU sinks must hold their
 utterance, and the model must read the right one back. This separates the first from the
 rest. On held-out built-in dialogues (a seed the training does not use) it builds the SMR,
-LMR and dialogue-stage samples ``train-memory`` trains on and scores their loss per target
-token three ways, with the same targets:
+LMR and dialogue-stage samples ``train-memory`` trains on, plus ``answers``: whole dialogues
+under the inference mask with the loss only on the answers to questions about earlier facts
+(the recall a user asks for), and scores their loss per target token three ways, with the
+same targets:
 
 - ``sinks``: the memory mask as trained (a target sees BOS, earlier EoUs and what its kind allows);
 - ``hidden``: the same mask with every link to an earlier EoU removed, so no sink is read;
@@ -30,19 +32,23 @@ from typing import Any
 import torch
 
 from personalign.memory_training import (
+    IGNORE,
     SEES_ALL,
     SEES_EOU,
     MemorySample,
     MemoryTrainingConfig,
+    answer_indices,
     bos_token_id,
     build_stages,
+    dialogue_sample,
     memory_loss,
     synthetic_dialogues,
+    tokenize_dialogues,
 )
 
 logger = logging.getLogger("sink_information")
 
-KINDS = ("smr", "lmr", "dialogue")
+KINDS = ("smr", "lmr", "dialogue", "answers")
 VIEWS = ("sinks", "hidden", "dense")
 
 
@@ -65,13 +71,40 @@ def view(sample: MemorySample, name: str) -> MemorySample:
     return sample if name == "sinks" else hidden(sample) if name == "hidden" else dense(sample)
 
 
+def only_utterances(sample: MemorySample, keep: Sequence[int]) -> MemorySample:
+    """``sample`` with the loss only on the utterances numbered in ``keep`` (0-based; each with its EoU)."""
+    ids = sample.input_ids
+    is_eou = ids == sample.eou_id  # (T,)
+    utterance = torch.cumsum(is_eou.long(), 0) - is_eou.long()  # (T,): an EoU belongs to the utterance it ends
+    wanted = torch.isin(utterance, torch.as_tensor(list(keep), dtype=torch.long))
+    wanted[0] = False  # BOS belongs to none
+    return dataclasses.replace(sample, labels=torch.where(wanted, sample.labels, IGNORE))
+
+
+def answer_samples(loaded: Any, dialogues: Sequence[Sequence[str]], samples: int) -> list[MemorySample]:
+    """Up to ``samples`` dialogues that ask and answer, as dialogue samples scored on their answers only."""
+    eou, bos = loaded.eou_token_id, bos_token_id(loaded)
+    out = []
+    for dialogue in dialogues:
+        answers = answer_indices(dialogue)
+        utterances = tokenize_dialogues([dialogue], loaded.tokenizer, 10**6, (eou, bos))[0]
+        if answers and len(utterances) == len(dialogue):  # no utterance dropped, so the indices hold
+            out.append(only_utterances(dialogue_sample(utterances, eou, bos), answers))
+        if len(out) == samples:
+            break
+    return out
+
+
 def losses(loaded: Any, dialogues: Sequence[Sequence[str]], samples: int, seed: int) -> dict[str, dict[str, float]]:
     """Mean loss per target token, by kind and view, on the first ``samples`` samples of each kind."""
     eou, bos = loaded.eou_token_id, bos_token_id(loaded)
     out: dict[str, dict[str, float]] = {}
     for kind in KINDS:
-        config = MemoryTrainingConfig(method=kind, samples=len(dialogues), seed=seed)
-        built = build_stages(dialogues, loaded.tokenizer, config, eou_id=eou, bos_id=bos)[0][:samples]
+        if kind == "answers":
+            built = answer_samples(loaded, dialogues, samples)
+        else:
+            config = MemoryTrainingConfig(method=kind, samples=len(dialogues), seed=seed)
+            built = build_stages(dialogues, loaded.tokenizer, config, eou_id=eou, bos_id=bos)[0][:samples]
         out[kind] = {name: memory_loss(loaded.model, [view(s, name) for s in built], pad_id=eou,
                                        dtype=loaded.model.dtype, device=loaded.model.device)
                      for name in VIEWS}
@@ -86,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--adapter", action="append", default=[], help="a memory adapter folder; repeat for more")
-    parser.add_argument("--dialogues", type=int, default=40, help="held-out built-in dialogues drawn")
+    parser.add_argument("--dialogues", type=int, default=200, help="held-out built-in dialogues drawn")
     parser.add_argument("--samples", type=int, default=24, help="samples scored per kind")
     parser.add_argument("--seed", type=int, default=4242, help="of the held-out dialogues (training uses 0)")
     parser.add_argument("--threads", type=int, default=None)

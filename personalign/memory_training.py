@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -303,6 +304,26 @@ def synthetic_dialogues(count: int, seed: int = 0) -> list[Dialogue]:
             turns.append(text.format(other=other))
         dialogues.append(tuple(turns))
     return dialogues
+
+
+def _template_pattern(template: str) -> re.Pattern[str]:
+    """A regex matching ``template`` with any text in each ``{field}``."""
+    pattern = re.escape(template)
+    for name in set(re.findall(r"\{(\w+)\}", template)):
+        pattern = pattern.replace(re.escape("{" + name + "}"), ".+?")
+    return re.compile(pattern)
+
+
+_ASKED = tuple(_template_pattern(question) for question, _ in _QUESTIONS)
+
+
+def answer_indices(dialogue: Sequence[str]) -> list[int]:
+    """Which utterances of a built-in dialogue answer one of its questions (each follows its question).
+
+    These are the targets that need recall most directly: the fact they give back was stated
+    before the question, so the StreamingDialogue cache holds it only as an EoU sink.
+    """
+    return [i for i in range(1, len(dialogue)) if any(p.fullmatch(dialogue[i - 1]) for p in _ASKED)]
 
 
 def load_dialogues(source: str | Path | Sequence[Sequence[str]], config: MemoryTrainingConfig) -> list[Dialogue]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from benchmarks import sink_information as si
-from personalign.memory_training import lmr_sample, synthetic_dialogues
+from personalign.memory_training import dialogue_sample, lmr_sample, synthetic_dialogues
 from personalign.streaming_dialogue import streaming_dialogue_mask
 
 BOS, EOU = 1, 2  # as in tests/conftest.py
@@ -37,6 +37,23 @@ def test_dense_is_the_causal_mask_and_contains_the_inference_mask() -> None:
     assert torch.equal(full, torch.ones_like(full).tril())
     inference = streaming_dialogue_mask(sample.input_ids.tolist(), EOU, BOS)
     assert not (inference & ~full).any()
+
+
+def test_only_utterances_keeps_the_loss_on_the_named_utterances() -> None:
+    sample = dialogue_sample([[5, 6], [7], [8], [9, 10]], EOU, BOS)  # BOS 5 6 E | 7 E | 8 E | 9 10 E
+    kept = si.only_utterances(sample, [1, 3])
+    assert [int(t) for t, label in zip(sample.input_ids, kept.labels) if label != -100] == [7, EOU, 9, 10, EOU]
+    assert torch.equal(kept.attention, sample.attention)
+    # Utterance 0 carries no loss in a dialogue sample, so naming it adds nothing.
+    assert torch.equal(si.only_utterances(sample, [0]).labels, torch.full_like(sample.labels, -100))
+
+
+def test_answer_samples_score_only_answers(tiny_llm) -> None:
+    dialogues = synthetic_dialogues(60, seed=3)
+    samples = si.answer_samples(tiny_llm, dialogues, samples=5)
+    assert len(samples) == 5
+    for sample in samples:
+        assert (sample.labels != -100).any() and sample.kind == "dialogue"
 
 
 def test_view_names_are_checked() -> None:

@@ -17,6 +17,7 @@ from personalign.memory_training import (
     _QUESTIONS,
     IGNORE,
     MemoryTrainingConfig,
+    answer_indices,
     build_samples,
     build_stages,
     collate,
@@ -343,12 +344,13 @@ def test_synthetic_echoes_repeat_the_other_speakers_facts_from_three_or_more_utt
 
 
 def test_synthetic_answers_recall_the_askers_facts_from_beyond_the_question() -> None:
-    asked = [question for question, _ in _QUESTIONS]
+    asked = tuple(question for question, _ in _QUESTIONS)
     answers = 0
     for dialogue in synthetic_dialogues(200, seed=3):
-        for i, utterance in enumerate(dialogue[1:], start=1):
-            if _values(dialogue[i - 1], asked) is None:
-                continue
+        found = [i for i in range(1, len(dialogue)) if _values(dialogue[i - 1], asked) is not None]
+        assert answer_indices(dialogue) == found
+        for i in found:
+            utterance = dialogue[i]
             values = _values(utterance, tuple(answer for _, answer in _QUESTIONS))
             assert values is not None, (dialogue[i - 1], utterance)
             answers += 1
