@@ -72,11 +72,15 @@ def view(sample: MemorySample, name: str) -> MemorySample:
 
 
 def only_utterances(sample: MemorySample, keep: Sequence[int]) -> MemorySample:
-    """``sample`` with the loss only on the utterances numbered in ``keep`` (0-based; each with its EoU)."""
+    """``sample`` with the loss only on the tokens of the utterances numbered in ``keep`` (0-based).
+
+    Their EoUs carry no loss: an answer's closing token says nothing of whether its content came
+    back, and a model trained under the memory mask predicts it differently once the mask changes.
+    """
     ids = sample.input_ids
     is_eou = ids == sample.eou_id  # (T,)
-    utterance = torch.cumsum(is_eou.long(), 0) - is_eou.long()  # (T,): an EoU belongs to the utterance it ends
-    wanted = torch.isin(utterance, torch.as_tensor(list(keep), dtype=torch.long))
+    utterance = torch.cumsum(is_eou.long(), 0)  # (T,): tokens of utterance i (and BOS, for i = 0) count i EoUs before
+    wanted = torch.isin(utterance, torch.as_tensor(list(keep), dtype=torch.long)) & ~is_eou
     wanted[0] = False  # BOS belongs to none
     return dataclasses.replace(sample, labels=torch.where(wanted, sample.labels, IGNORE))
 
@@ -95,11 +99,12 @@ def answer_samples(loaded: Any, dialogues: Sequence[Sequence[str]], samples: int
     return out
 
 
-def losses(loaded: Any, dialogues: Sequence[Sequence[str]], samples: int, seed: int) -> dict[str, dict[str, float]]:
+def losses(loaded: Any, dialogues: Sequence[Sequence[str]], samples: int, seed: int,
+           kinds: Sequence[str] = KINDS) -> dict[str, dict[str, float]]:
     """Mean loss per target token, by kind and view, on the first ``samples`` samples of each kind."""
     eou, bos = loaded.eou_token_id, bos_token_id(loaded)
     out: dict[str, dict[str, float]] = {}
-    for kind in KINDS:
+    for kind in kinds:
         if kind == "answers":
             built = answer_samples(loaded, dialogues, samples)
         else:
@@ -112,6 +117,13 @@ def losses(loaded: Any, dialogues: Sequence[Sequence[str]], samples: int, seed: 
     return out
 
 
+def _kinds(text: str) -> tuple[str, ...]:
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    if not kinds or any(k not in KINDS for k in kinds):
+        raise argparse.ArgumentTypeError(f"kinds must be some of {', '.join(KINDS)}; got {text!r}")
+    return kinds
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     from personalign.models import ModelConfig, load_model
 
@@ -122,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--dialogues", type=int, default=200, help="held-out built-in dialogues drawn")
     parser.add_argument("--samples", type=int, default=24, help="samples scored per kind")
     parser.add_argument("--seed", type=int, default=4242, help="of the held-out dialogues (training uses 0)")
+    parser.add_argument("--kinds", type=_kinds, default=KINDS, help=f"comma list of {', '.join(KINDS)}")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -133,15 +146,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     for adapter in [None, *args.adapter]:
         loaded = load_model(ModelConfig(model=args.model, device=args.device, quantize="none",
                                         adapter=None if adapter is None else Path(adapter)))
-        rows.append(("base" if adapter is None else Path(adapter).name, losses(loaded, dialogues, args.samples, 1)))
+        rows.append(("base" if adapter is None else Path(adapter).name,
+                     losses(loaded, dialogues, args.samples, 1, args.kinds)))
 
     print(f"loss per target token (nats) on {args.dialogues} held-out built-in dialogues (seed {args.seed}), "
           f"{args.samples} samples per kind; carried = hidden - sinks")
-    print("| model | " + " | ".join(f"{k} sinks / hidden / dense | {k} carried" for k in KINDS) + " |")
-    print("| --- |" + " --- | --- |" * len(KINDS))
+    print("| model | " + " | ".join(f"{k} sinks / hidden / dense | {k} carried" for k in args.kinds) + " |")
+    print("| --- |" + " --- | --- |" * len(args.kinds))
     for name, cells in rows:
         parts = [f"{c['sinks']:.3f} / {c['hidden']:.3f} / {c['dense']:.3f} | {c['hidden'] - c['sinks']:+.3f}"
-                 for c in (cells[k] for k in KINDS)]
+                 for c in (cells[k] for k in args.kinds)]
         print(f"| {name} | " + " | ".join(parts) + " |")
 
 
