@@ -77,11 +77,8 @@ def only_utterances(sample: MemorySample, keep: Sequence[int]) -> MemorySample:
     Their EoUs carry no loss: an answer's closing token says nothing of whether its content came
     back, and a model trained under the memory mask predicts it differently once the mask changes.
     """
-    ids = sample.input_ids
-    is_eou = ids == sample.eou_id  # (T,)
-    utterance = torch.cumsum(is_eou.long(), 0)  # (T,): tokens of utterance i (and BOS, for i = 0) count i EoUs before
-    wanted = torch.isin(utterance, torch.as_tensor(list(keep), dtype=torch.long)) & ~is_eou
-    wanted[0] = False  # BOS belongs to none
+    is_eou = sample.input_ids == sample.eou_id  # (T,)
+    wanted = torch.isin(sample.utterance_of_token, torch.as_tensor(list(keep), dtype=torch.long)) & ~is_eou
     return dataclasses.replace(sample, labels=torch.where(wanted, sample.labels, IGNORE))
 
 
@@ -91,7 +88,7 @@ def answer_samples(loaded: Any, dialogues: Sequence[Sequence[str]], samples: int
     out = []
     for dialogue in dialogues:
         answers = answer_indices(dialogue)
-        utterances = tokenize_dialogues([dialogue], loaded.tokenizer, 10**6, (eou, bos))[0]
+        utterances = tokenize_dialogues([dialogue], loaded.tokenizer, 10**6, (eou, bos))[0]  # none cut
         if answers and len(utterances) == len(dialogue):  # no utterance dropped, so the indices hold
             out.append(only_utterances(dialogue_sample(utterances, eou, bos), answers))
         if len(out) == samples:

@@ -363,16 +363,22 @@ class MemorySample:
         return int(self.input_ids.shape[0])
 
     @property
+    def utterance_of_token(self) -> torch.Tensor:
+        """(T,) long: the utterance (0-based) each token belongs to, an EoU to the one it ends; -1 for BOS."""
+        is_eou = (self.input_ids == self.eou_id).long()  # (T,)
+        utt = torch.cumsum(is_eou, 0) - is_eou  # (T,)
+        utt[0] = -1
+        return utt
+
+    @property
     def attention(self) -> torch.Tensor:
         """(T, T) bool, True where query row i may attend to key column j.
 
         Every token sees BOS and its own causal prefix within its utterance, plus what ``links``
         grants its utterance: another utterance whole, or only its EoU.
         """
-        ids = self.input_ids
-        is_eou = ids == self.eou_id  # (T,)
-        utt = torch.cumsum(is_eou.long(), 0) - is_eou.long()  # (T,): an EoU belongs to the utterance it ends
-        utt[0] = -1  # BOS belongs to none
+        is_eou = self.input_ids == self.eou_id  # (T,)
+        utt = self.utterance_of_token  # (T,)
         q, k = utt[:, None], utt[None, :]  # (T, 1), (1, T)
         link = self.links[q.clamp(min=0), k.clamp(min=0)]  # (T, T); rows/columns of BOS are settled below
         seen = (q == k) | (link == SEES_ALL) | ((link == SEES_EOU) & is_eou[None, :])  # (T, T)

@@ -359,6 +359,8 @@ def test_synthetic_answers_recall_the_askers_facts_from_beyond_the_question() ->
             sources = [dialogue[j] for j in range(i - 3, -1, -2)]
             assert i >= 5 and any(all(v in source for v in values) for source in sources), (i, utterance)
     assert answers > 100
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [{"method": "sft"}, {"rank": 0}, {"lr": 0.0}, {"lr": 2.0}, {"max_steps": 0}, {"dropout": 1.0},
