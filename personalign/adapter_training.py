@@ -33,7 +33,7 @@ from personalign.models import (
 )
 
 TARGET_MODULES = ("q_proj", "v_proj")
-"""Both published recipes adapt the query and value projections only."""
+"""Both published recipes adapt the query and value projections only: the default."""
 MAX_GRAD_NORM = 1.0
 
 Item = TypeVar("Item")
@@ -45,13 +45,16 @@ class LoraSettings:
     """The adapter's shape. ``layers``: the decoder layers to adapt (None: all of them).
 
     Adapting only the top layers is a speed choice: gradients then stop at the lowest adapted
-    layer, so the backward pass skips everything below it.
+    layer, so the backward pass skips everything below it. ``modules``: the linear layers
+    adapted in each, by their name in the model (``k_proj`` as well lets training shape the
+    keys a later query looks up, which q/v alone cannot).
     """
 
     rank: int = 8
     alpha: int = 16
     dropout: float = 0.05
     layers: tuple[int, ...] | None = None
+    modules: tuple[str, ...] = TARGET_MODULES
 
     def __post_init__(self) -> None:
         for name in ("rank", "alpha"):
@@ -63,10 +66,14 @@ class LoraSettings:
             not self.layers or any(not isinstance(i, int) or i < 0 for i in self.layers)
         ):
             raise ValueError(f"layers must be None or non-negative layer indices; got {self.layers!r}")
+        if (not isinstance(self.modules, tuple) or not self.modules
+                or any(not isinstance(m, str) or not m.isidentifier() for m in self.modules)
+                or len(set(self.modules)) != len(self.modules)):
+            raise ValueError(f"modules must be distinct module names such as q_proj; got {self.modules!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
-                "target_modules": list(TARGET_MODULES), "layers": None if self.layers is None else list(self.layers)}
+                "target_modules": list(self.modules), "layers": None if self.layers is None else list(self.layers)}
 
 
 def top_layers(model: Any, count: int) -> tuple[int, ...]:
@@ -108,8 +115,9 @@ def lora_session(loaded: LoadedModel, settings: LoraSettings, seed: int,
     model = loaded.model
     training = model.training
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    _check_modules_exist(model, settings.modules)
     lora = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                      target_modules=list(TARGET_MODULES), task_type="CAUSAL_LM",
+                      target_modules=list(settings.modules), task_type="CAUSAL_LM",
                       layers_to_transform=None if settings.layers is None else list(settings.layers))
     devices = [loaded.device.index or 0] if loaded.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -129,6 +137,15 @@ def lora_session(loaded: LoadedModel, settings: LoraSettings, seed: int,
             for name, p in model.named_parameters():
                 p.requires_grad_(requires_grad.get(name, p.requires_grad))
             model.train(training)
+
+
+def _check_modules_exist(model: Any, modules: Sequence[str]) -> None:
+    """Refuse module names the model lacks, naming the ones it has, before peft wraps anything."""
+    linear = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    missing = [m for m in modules if m not in linear]
+    if missing:
+        raise ValueError(f"the model has no {', '.join(missing)} layers to adapt; "
+                         f"its linear layers are {', '.join(sorted(linear))}")
 
 
 def _check_same_shape(saved: Any, wanted: Any, path: Path) -> None:

@@ -211,7 +211,8 @@ def cmd_train_memory(args: argparse.Namespace) -> int:
         raise UserError("train-memory trains a new adapter on the base model; leave out --adapter")
     config = MemoryTrainingConfig(method=args.method, max_steps=args.steps, lr=args.lr, rank=args.rank,
                                   samples=args.samples, seed=args.seed, batch_size=args.batch_size,
-                                  max_tokens=args.max_tokens)
+                                  max_tokens=args.max_tokens, epochs=args.epochs,
+                                  modules=tuple(m.strip() for m in args.modules.split(",") if m.strip()))
     source = SYNTHETIC if args.data == SYNTHETIC else Path(args.data)
     load_dialogues(source, config)  # read once before the model loads: a bad file fails in a second, not a minute
     if args.init is not None:
@@ -327,9 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--init", type=Path, default=None, metavar="ADAPTER",
                        help="go on training this memory adapter instead of a fresh LoRA (e.g. --method dialogue "
                             "from a --method both adapter: the published two stages as two runs)")
-    train.add_argument("--steps", type=int, default=None, help="stop after N optimizer steps (default: one epoch)")
+    train.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over each stage's sequences")
+    train.add_argument("--steps", type=int, default=None, help="stop after N optimizer steps (default: the epochs)")
     train.add_argument("--lr", type=float, default=defaults.lr)
     train.add_argument("--rank", type=int, default=defaults.rank, help="LoRA rank")
+    train.add_argument("--modules", default=",".join(defaults.modules), metavar="NAMES",
+                       help="comma-separated linear layers to adapt in every decoder layer (default: the "
+                            "published q_proj,v_proj; add k_proj to let the sinks' keys be trained too)")
     train.add_argument("--samples", type=int, default=defaults.samples, help="dialogues drawn from --data synthetic")
     train.add_argument("--seed", type=int, default=defaults.seed)
     train.add_argument("--batch-size", type=int, default=defaults.batch_size)

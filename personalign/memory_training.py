@@ -35,7 +35,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -80,9 +80,7 @@ class MemoryTrainingConfig:
     pairs: int = 8  # (u, u) pairs per SMR sequence; (u, u') pairs before the re-appended one in LMR
     seed: int = 0
     samples: int = 1000  # dialogues drawn from the synthetic source
-
-    # The published recipe adapts the query and value projections only; not a setting.
-    TARGET_MODULES: ClassVar[tuple[str, ...]] = TARGET_MODULES
+    modules: tuple[str, ...] = TARGET_MODULES  # the published q_proj, v_proj
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -90,7 +88,7 @@ class MemoryTrainingConfig:
         for name in ("epochs", "batch_size", "pairs", "samples"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer; got {getattr(self, name)!r}")
-        self.lora  # noqa: B018 -- validates rank, alpha and dropout
+        self.lora  # noqa: B018 -- validates rank, alpha, dropout and modules
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
             raise ValueError(f"lr must be a positive learning rate below 1; got {self.lr!r}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
@@ -103,7 +101,7 @@ class MemoryTrainingConfig:
 
     @property
     def lora(self) -> LoraSettings:
-        return LoraSettings(rank=self.rank, alpha=self.alpha, dropout=self.dropout)
+        return LoraSettings(rank=self.rank, alpha=self.alpha, dropout=self.dropout, modules=self.modules)
 
     @property
     def max_utterance_tokens(self) -> int:
@@ -676,7 +674,7 @@ def _split_probe(samples: list[MemorySample], batch_size: int) -> tuple[list[Mem
 def train_memory(loaded: LoadedModel, samples_source: str | Path | Sequence[Sequence[str]],
                  config: MemoryTrainingConfig, out_dir: Path | str,
                  progress: ProgressFn | None = None, start_from: Path | str | None = None) -> TrainingReport:
-    """Train the memory LoRA (q_proj, v_proj) on ``loaded.model`` and save the adapter in ``out_dir``.
+    """Train the memory LoRA (``config.modules``, q_proj and v_proj by default) on ``loaded.model`` and save the adapter in ``out_dir``.
 
     The stages of ``config.method`` run in order (``all``: SMR and LMR, then the dialogue stage),
     each for ``config.epochs``; ``config.max_steps`` caps the steps of all stages together.
@@ -688,7 +686,7 @@ def train_memory(loaded: LoadedModel, samples_source: str | Path | Sequence[Sequ
 
     ``start_from``: a memory adapter to go on training rather than a fresh LoRA, so the two
     published stages can run as two commands (``both``, then ``dialogue`` from its adapter).
-    It must have this run's rank and alpha, and is left as it was: ``out_dir`` must differ.
+    It must have this run's rank, alpha and modules, and is left as it was: ``out_dir`` must differ.
 
     A 4-bit or 8-bit base is trained as it stands (frozen, LoRA weights in float32), rather than
     through peft's ``prepare_model_for_kbit_training``: that casts the base to float32 for good,
@@ -745,7 +743,7 @@ def train_memory(loaded: LoadedModel, samples_source: str | Path | Sequence[Sequ
         write_metadata(out, loaded, "memory", config.lora, {
             "bos_token_id": bos, "method": config.method, "steps": len(losses), "final_loss": round(losses[-1], 6),
             "probe_loss_before": round(probe_before, 6), "probe_loss_after": round(probe_after, 6),
-            "lr": config.lr, "max_tokens": config.max_tokens, "seed": config.seed, "data": data,
+            "lr": config.lr, "epochs": config.epochs, "max_tokens": config.max_tokens, "seed": config.seed, "data": data,
             "continued_from": earlier,
         })
     logger.info("memory training done: %d steps in %.1f s, loss %.4f -> %.4f", len(losses), seconds, losses[0],

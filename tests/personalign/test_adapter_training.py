@@ -20,7 +20,9 @@ from personalign.models import ADAPTER_METADATA
 from tests.conftest import make_tiny_llm
 
 
-@pytest.mark.parametrize("kwargs", [{"rank": 0}, {"alpha": -1}, {"dropout": 1.0}, {"layers": ()}, {"layers": (-1,)}])
+@pytest.mark.parametrize("kwargs", [{"rank": 0}, {"alpha": -1}, {"dropout": 1.0}, {"layers": ()}, {"layers": (-1,)},
+                                    {"modules": ()}, {"modules": ["q_proj"]}, {"modules": ("q_proj", "q_proj")},
+                                    {"modules": ("q_proj", "model.k_proj")}])
 def test_bad_settings_are_refused(kwargs) -> None:
     with pytest.raises(ValueError):
         LoraSettings(**kwargs)
@@ -49,6 +51,18 @@ def test_session_adapts_only_the_chosen_layers_and_restores_even_on_error() -> N
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
 
 
+def test_session_adapts_the_chosen_modules_and_names_the_ones_a_model_has() -> None:
+    loaded = make_tiny_llm()
+    with lora_session(loaded, LoraSettings(rank=2, modules=("q_proj", "k_proj", "v_proj")), 0) as m:
+        adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in m.named_parameters() if "lora_A" in n}
+        assert adapted == {"q_proj", "k_proj", "v_proj"}
+    unknown = LoraSettings(rank=2, modules=("q_proj", "qkv"))
+    with (pytest.raises(ValueError, match=r"no qkv layers to adapt; its linear layers are .*k_proj.*q_proj"),
+          lora_session(loaded, unknown, 0)):
+        pass
+    assert not any("lora" in n for n, _ in loaded.model.named_modules())
+
+
 def test_session_leaves_the_global_rng_alone() -> None:
     torch.manual_seed(5)
     expected = torch.rand(3)
@@ -72,7 +86,8 @@ def test_out_dir_rules(tmp_path) -> None:
 
 def test_metadata_names_purpose_base_and_run(tmp_path) -> None:
     loaded = make_tiny_llm()
-    write_metadata(tmp_path, loaded, "preference", LoraSettings(layers=(0,)), {"steps": 3})
+    write_metadata(tmp_path, loaded, "preference", LoraSettings(layers=(0,), modules=("q_proj", "v_proj")),
+                   {"steps": 3})
     meta = json.loads((tmp_path / ADAPTER_METADATA).read_text())
     assert (meta["purpose"], meta["base_model"], meta["steps"], meta["eou_token_id"]) == (
         "preference", "tiny-random-llama", 3, 2)

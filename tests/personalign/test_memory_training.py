@@ -374,7 +374,7 @@ def test_config_is_checked(kwargs) -> None:
 def test_config_defaults_follow_the_published_recipe() -> None:
     config = MemoryTrainingConfig()
     assert (config.method, config.rank, config.alpha, config.lr, config.epochs) == ("both", 8, 16, 5e-5, 1)
-    assert config.TARGET_MODULES == ("q_proj", "v_proj")
+    assert config.modules == ("q_proj", "v_proj")
 
 
 # --- training and the adapter -------------------------------------------------------------------
@@ -518,6 +518,20 @@ def test_train_memory_command_end_to_end(tiny_folder, tmp_path, capsys) -> None:
     assert code == 0, capsys.readouterr().err
 
 
+def test_train_memory_command_adapts_the_modules_asked_for(tiny_folder, tmp_path, capsys) -> None:
+    out = tmp_path / "qkv"
+    code = main(["train-memory", "--model", str(tiny_folder), "--device", "cpu", "--data", "synthetic",
+                 "--samples", "8", "--out", str(out), "--method", "dialogue", "--steps", "1", "--epochs", "2",
+                 "--modules", "q_proj, k_proj,v_proj", "--max-tokens", "128"])
+    assert code == 0, capsys.readouterr().err
+    meta = json.loads((out / ADAPTER_METADATA).read_text())
+    assert (meta["lora"]["target_modules"], meta["epochs"]) == (["q_proj", "k_proj", "v_proj"], 2)
+    assert sorted(json.loads((out / "adapter_config.json").read_text())["target_modules"]) == [
+        "k_proj", "q_proj", "v_proj"]
+    adapted = load_model(ModelConfig(model=str(tiny_folder), device="cpu", adapter=out))
+    assert adapted.adapter is not None  # the app loads a q/k/v adapter as it loads a q/v one
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -525,6 +539,9 @@ def test_train_memory_command_end_to_end(tiny_folder, tmp_path, capsys) -> None:
         (["--data", "synthetic", "--steps", "0"], "max_steps"),
         (["--data", "synthetic", "--adapter", "."], "leave out --adapter"),
         (["--data", "synthetic", "--init", "no-such-adapter"], "does not exist"),
+        (["--data", "synthetic", "--modules", ","], "modules must be"),
+        (["--data", "synthetic", "--epochs", "0"], "epochs must be"),
+        (["--data", "synthetic", "--modules", "q_proj,gate"], "no gate layers"),
     ],
 )
 def test_train_memory_errors_are_one_line_and_exit_2(tiny_folder, tmp_path, capsys, extra, message) -> None:
