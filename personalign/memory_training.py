@@ -674,7 +674,9 @@ def _split_probe(samples: list[MemorySample], batch_size: int) -> tuple[list[Mem
 def train_memory(loaded: LoadedModel, samples_source: str | Path | Sequence[Sequence[str]],
                  config: MemoryTrainingConfig, out_dir: Path | str,
                  progress: ProgressFn | None = None, start_from: Path | str | None = None) -> TrainingReport:
-    """Train the memory LoRA (``config.modules``, q_proj and v_proj by default) on ``loaded.model`` and save the adapter in ``out_dir``.
+    """Train the memory LoRA on ``loaded.model`` and save the adapter in ``out_dir``.
+
+    The LoRA adapts ``config.modules`` (q_proj and v_proj by default, as published).
 
     The stages of ``config.method`` run in order (``all``: SMR and LMR, then the dialogue stage),
     each for ``config.epochs``; ``config.max_steps`` caps the steps of all stages together.
@@ -743,8 +745,8 @@ def train_memory(loaded: LoadedModel, samples_source: str | Path | Sequence[Sequ
         write_metadata(out, loaded, "memory", config.lora, {
             "bos_token_id": bos, "method": config.method, "steps": len(losses), "final_loss": round(losses[-1], 6),
             "probe_loss_before": round(probe_before, 6), "probe_loss_after": round(probe_after, 6),
-            "lr": config.lr, "epochs": config.epochs, "max_tokens": config.max_tokens, "seed": config.seed, "data": data,
-            "continued_from": earlier,
+            "lr": config.lr, "epochs": config.epochs, "max_tokens": config.max_tokens, "seed": config.seed,
+            "data": data, "continued_from": earlier,
         })
     logger.info("memory training done: %d steps in %.1f s, loss %.4f -> %.4f", len(losses), seconds, losses[0],
                 losses[-1])

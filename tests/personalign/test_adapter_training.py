@@ -86,8 +86,7 @@ def test_out_dir_rules(tmp_path) -> None:
 
 def test_metadata_names_purpose_base_and_run(tmp_path) -> None:
     loaded = make_tiny_llm()
-    write_metadata(tmp_path, loaded, "preference", LoraSettings(layers=(0,), modules=("q_proj", "v_proj")),
-                   {"steps": 3})
+    write_metadata(tmp_path, loaded, "preference", LoraSettings(layers=(0,)), {"steps": 3})
     meta = json.loads((tmp_path / ADAPTER_METADATA).read_text())
     assert (meta["purpose"], meta["base_model"], meta["steps"], meta["eou_token_id"]) == (
         "preference", "tiny-random-llama", 3, 2)
