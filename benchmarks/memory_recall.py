@@ -199,25 +199,26 @@ class Dialogue:
     held_back: tuple[str, ...]
 
 
-def build_dialogue(seed: int, distances: Sequence[int], *, length: int | None = None, held_back: int = 0) -> Dialogue:
+def build_dialogue(seed: int, distances: Sequence[int], *, length: int | None = None, held_back: int = 0,
+                   kinds: Sequence[FactType] = FACT_TYPES) -> Dialogue:
     """A filler dialogue with one fact per distance, stated ``distance`` utterances before the end.
 
-    Each distance gets a different fact type, so every question has one answer. ``length``
-    defaults to ``LEAD + max(distances)``; ``held_back`` extra filler utterances are drawn
-    for scoring (perplexity, or the user side of a timed turn).
+    Each distance gets a different fact type of ``kinds``, so every question has one answer.
+    ``length`` defaults to ``LEAD + max(distances)``; ``held_back`` extra filler utterances are
+    drawn for scoring (perplexity, or the user side of a timed turn).
     """
     distances = [int(d) for d in distances]
     if len(set(distances)) != len(distances) or any(d < 1 for d in distances):
         raise ValueError(f"distances must be distinct whole numbers >= 1; got {distances}")
-    if len(distances) > len(FACT_TYPES):
-        raise ValueError(f"at most {len(FACT_TYPES)} distances per dialogue (one fact type each)")
+    if len(distances) > len(kinds):
+        raise ValueError(f"at most {len(kinds)} distances per dialogue (one fact type each)")
     n = LEAD + max(distances, default=0) if length is None else int(length)
     if distances and n < max(distances):
         raise ValueError(f"a dialogue of {n} utterances cannot hold a fact {max(distances)} utterances back")
     rng = random.Random(seed)
     utterances = [filler_utterance(rng) for _ in range(n)]
     probes = []
-    for distance, kind in zip(distances, rng.sample(FACT_TYPES, len(distances))):
+    for distance, kind in zip(distances, rng.sample(list(kinds), len(distances))):
         values = rng.sample(kind.values, CANDIDATES)  # values[0] is the fact, the rest distractors
         index = n - distance
         utterances[index] = kind.statement.format(values[0])
@@ -478,11 +479,14 @@ def _sync() -> None:
 
 
 def run_recall(policies: Sequence[Policy], tokens: Tokens, distances: Sequence[int], trials: int,
-               seed: int) -> dict[str, dict[int, list[bool]]]:
-    """For each policy and distance, whether the true value scored highest, one entry per trial."""
+               seed: int, kinds: Sequence[FactType] = FACT_TYPES) -> dict[str, dict[int, list[bool]]]:
+    """For each policy and distance, whether the true value scored highest, one entry per trial.
+
+    The facts asked about are of ``kinds`` (all ten types by default).
+    """
     hits: dict[str, dict[int, list[bool]]] = {p.label: {d: [] for d in distances} for p in policies}
     for trial in range(trials):
-        dialogue = build_dialogue(seed * 1_000_003 + trial, distances)
+        dialogue = build_dialogue(seed * 1_000_003 + trial, distances, kinds=kinds)
         encoded = tokens.dialogue(dialogue.utterances)
         for policy in policies:
             start = time.perf_counter()

@@ -61,6 +61,16 @@ def test_filler_names_no_fact_value() -> None:
     assert not words & values
 
 
+def test_facts_come_only_from_the_kinds_given() -> None:
+    kinds = mr.FACT_TYPES[5:7]
+    asked = {p.fact for s in range(10) for p in mr.build_dialogue(s, (1, 4), kinds=kinds).probes}
+    assert asked == {k.key for k in kinds}
+    with pytest.raises(ValueError, match="at most 2 distances"):
+        mr.build_dialogue(0, (1, 2, 3), kinds=kinds)
+    # The default draws the same dialogues as before the option existed: the recorded runs still repeat.
+    assert mr.build_dialogue(3, (1, 10)) == mr.build_dialogue(3, (1, 10), kinds=list(mr.FACT_TYPES))
+
+
 def test_bad_distances_are_refused() -> None:
     for bad in ((0,), (3, 3), tuple(range(1, len(mr.FACT_TYPES) + 2))):
         with pytest.raises(ValueError):
