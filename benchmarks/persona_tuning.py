@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import random
 import shlex
 import sys
@@ -32,15 +31,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 logger = logging.getLogger("persona_tuning")
-
-
-def mcnemar_p(won: int, lost: int) -> float:
-    """Two-sided exact McNemar p-value for ``won`` vs ``lost`` discordant records."""
-    n = won + lost
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, k) for k in range(min(won, lost) + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
 
 
 def split_group(records: Sequence[dict], labels: Sequence[str], held: Sequence[int],
@@ -79,7 +69,12 @@ def main(argv: Sequence[str] | None = None) -> str:
     import torch
 
     from personalign.engine import Engine
-    from personalign.evaluation import evaluate_modes, parse_selection, wilson_interval
+    from personalign.evaluation import (
+        evaluate_modes,
+        paired_exact_p,
+        parse_selection,
+        wilson_interval,
+    )
     from personalign.models import ModelConfig, load_model
     from personalign.persona_tuning import TuningSettings, training_config
     from personalign.preference_training import preference_pairs, train_preference
@@ -124,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> str:
                 lost = sum(b.correct and not a.correct for a, b in zip(after.records, before.records, strict=True))
                 low, high = wilson_interval(after.correct, after.n)
                 cells.append(f"{before.accuracy:.2f} → **{after.accuracy:.2f}** [{low:.2f}, {high:.2f}] "
-                             f"({won}/{lost}, p={mcnemar_p(won, lost):.2g})")
+                             f"({won}/{lost}, p={paired_exact_p(won, lost):.2g})")
             lines.append(f"| {len(pairs)} | {report.steps} | {report.seconds:.0f} | " + " | ".join(cells) + " |")
             logger.info("group %r, %d choices: %s", group, len(pairs), lines[-1])
 

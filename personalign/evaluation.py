@@ -124,6 +124,19 @@ def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, flo
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def paired_exact_p(won: int, lost: int) -> float:
+    """Two-sided exact p-value of a paired comparison (exact McNemar, i.e. a sign test).
+
+    ``won`` and ``lost`` are the discordant pairs: items only the first system got right, and
+    items only the second did. Ties carry no information and are left out; 1.0 when none differ.
+    """
+    n = won + lost
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(won, lost) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
 def parse_selection(spec: str, count: int) -> list[int]:
     """Record indices from a spec like ``"0:50,300:350,420"`` (Python slices and single indices).
 

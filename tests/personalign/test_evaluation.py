@@ -21,6 +21,7 @@ from personalign.evaluation import (
     evaluate,
     evaluate_modes,
     inferred_direction,
+    paired_exact_p,
     parse_selection,
     wilson_interval,
 )
@@ -40,6 +41,13 @@ def test_wilson_interval_known_values():
     assert low == pytest.approx(0.2366, abs=1e-4) and high == pytest.approx(0.7634, abs=1e-4)
     low, high = wilson_interval(10, 10)
     assert low == pytest.approx(0.7225, abs=1e-4) and high == pytest.approx(1.0)
+
+
+def test_paired_exact_p_known_values():
+    assert paired_exact_p(0, 0) == 1.0  # nothing differs: no evidence either way
+    assert paired_exact_p(5, 0) == pytest.approx(2 / 32)
+    assert paired_exact_p(3, 3) == 1.0
+    assert paired_exact_p(1, 7) == paired_exact_p(7, 1) == pytest.approx(2 * 9 / 256)
 
 
 @pytest.mark.parametrize("mode", MODES)
