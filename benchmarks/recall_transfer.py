@@ -1,0 +1,181 @@
+"""Can the sinks learn to be read? Train on recall-shaped dialogues of some fact types, test on the rest.
+
+    PYTHONPATH=. python benchmarks/recall_transfer.py [--model embedded] [--device cpu]
+        [--train-types sister,locker,city,pet,colour] [--dialogues 600] [--lr 5e-4]
+        [--modules q_proj,v_proj] [--out adapters/recall-transfer | --adapter DIR]
+        [--distances 1,10,30,100] [--trials 16]
+
+``sink_probe.py`` finds the recall benchmark's facts linearly decodable from the values their
+EoU sinks leave in the cache, even untrained, and the fact type from their keys; yet through
+the sinks the model answers near chance (``memory_recall.py``). So the question is whether
+reading can be learnt. This script trains the published dialogue stage (``train-memory
+--method dialogue``: whole dialogues under the inference mask) on dialogues shaped like the
+recall probe: small-talk filler from the benchmark's pool, facts of the ``--train-types``
+stated among it, and later a question about each, answered in the probe's words ("What is my
+sister's name?" / "Your sister's name is Clara."). Then it measures recall side by side,
+dense, streaming-llm and StreamingDialogue untrained and trained (distance position rule),
+separately on the trained fact types and on the held-out ones, so the two readings of a gain
+are told apart: learning to read a sink, or learning these fact types. The probe dialogues are
+drawn from the benchmark's own seeds, and the training dialogues from others.
+
+With ``--adapter`` an adapter trained before is measured instead of training a new one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from benchmarks.memory_recall import (
+    FACT_TYPES,
+    FactType,
+    Tokens,
+    _ints,
+    filler_utterance,
+    make_policies,
+    run_recall,
+)
+from personalign.streaming_llm import StreamingLLMConfig
+
+logger = logging.getLogger("recall_transfer")
+
+TRAIN_SEED = 7_000_003  # training dialogues come from their own stream, apart from the probes' seeds
+MAX_GAP = 12  # a question comes 1..MAX_GAP utterances after its fact, so a dialogue fits 512 tokens
+FILLERS = (12, 24)  # utterances of a training dialogue before its questions go in
+
+
+def fact_types(names: str) -> tuple[FactType, ...]:
+    """The ``FACT_TYPES`` named in the comma list ``names``, in the order given."""
+    by_key = {kind.key: kind for kind in FACT_TYPES}
+    keys = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [k for k in keys if k not in by_key]
+    if not keys or unknown or len(set(keys)) != len(keys):
+        raise ValueError(f"fact types must be distinct names of {', '.join(by_key)}; got {names!r}")
+    return tuple(by_key[k] for k in keys)
+
+
+def training_dialogue(rng: random.Random, kinds: Sequence[FactType], facts: int = 3,
+                      fillers: tuple[int, int] = FILLERS) -> tuple[str, ...]:
+    """``fillers`` (a range) small-talk utterances, ``facts`` of them replaced by statements of
+    different ``kinds``, each asked about and answered 1..``MAX_GAP`` utterances after it was stated.
+
+    The answer is the probe's answer opener and the value, so what is learnt is exactly what the
+    probe scores. The answer comes after the question, so under the inference mask it sees the
+    statement only through its EoU (and through the question, when that follows it directly).
+    """
+    n = rng.randint(*fillers)
+    if n < facts + 1:
+        raise ValueError(f"a dialogue of {n} utterances cannot hold {facts} facts and a question after the last")
+    slots: list[tuple[float, str]] = [(float(i), filler_utterance(rng)) for i in range(n)]
+    chosen = rng.sample(list(kinds), min(facts, len(kinds)))
+    for i, (kind, at) in enumerate(zip(chosen, rng.sample(range(n - 1), len(chosen)))):
+        value = rng.choice(kind.values)
+        slots[at] = (float(at), kind.statement.format(value))
+        asked = min(at + rng.randint(1, MAX_GAP), n) - 0.5 + 0.1 * i  # after utterance at+gap-1, before the next
+        slots += [(asked, kind.question), (asked + 0.05, f"{kind.answer} {value}.")]
+    return tuple(text for _, text in sorted(slots, key=lambda slot: slot[0]))
+
+
+def training_dialogues(count: int, kinds: Sequence[FactType], seed: int = 0,
+                       fillers: tuple[int, int] = FILLERS) -> list[tuple[str, ...]]:
+    rng = random.Random(TRAIN_SEED + seed)
+    return [training_dialogue(rng, kinds, fillers=fillers) for _ in range(count)]
+
+
+def paired(trained: Sequence[bool], other: Sequence[bool]) -> tuple[int, int]:
+    """(trials only the trained row got right, trials only the other row got right), same dialogues."""
+    return (sum(t and not o for t, o in zip(trained, other)), sum(o and not t for t, o in zip(trained, other)))
+
+
+def _report(title: str, hits: dict[str, dict[int, list[bool]]], distances: Sequence[int]) -> str:
+    from personalign.evaluation import paired_exact_p, wilson_interval
+
+    lines = [title, "| policy | " + " | ".join(f"d={d}" for d in distances) + " |",
+             "| --- |" + " --- |" * len(distances)]
+    for label, cells in hits.items():
+        parts = []
+        for d in distances:
+            low, high = wilson_interval(sum(cells[d]), len(cells[d]))
+            parts.append(f"{sum(cells[d]) / len(cells[d]):.2f} [{low:.2f}, {high:.2f}]")
+        lines.append(f"| {label} | " + " | ".join(parts) + " |")
+    trained = next(label for label in hits if "trained" in label and "untrained" not in label)
+    for other in (label for label in hits if label.startswith(("streaming-llm", "streaming-dialogue untrained"))):
+        cells = []
+        for d in distances:
+            wins, losses = paired(hits[trained][d], hits[other][d])
+            cells.append(f"+{wins}/-{losses} (p {paired_exact_p(wins, losses):.2f})")
+        lines.append(f"| trained vs {other}, paired | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from personalign.engine import Engine
+    from personalign.memory_training import MemoryTrainingConfig, train_memory
+    from personalign.models import ModelConfig, load_model
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="embedded")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--train-types", default="sister,locker,city,pet,colour",
+                        help="fact types trained on (comma list); the others are held out")
+    parser.add_argument("--dialogues", type=int, default=600)
+    parser.add_argument("--fillers", type=_ints, default=FILLERS,
+                        help="fewest,most utterances of a training dialogue before its questions go in")
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--modules", default="q_proj,v_proj")
+    parser.add_argument("--steps", type=int, default=None, help="stop training after this many steps")
+    parser.add_argument("--out", type=Path, default=Path("adapters/recall-transfer"))
+    parser.add_argument("--adapter", type=Path, default=None, help="measure this adapter instead of training one")
+    parser.add_argument("--distances", type=_ints, default=(1, 10, 30, 100))
+    parser.add_argument("--trials", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    try:
+        trained_kinds = fact_types(args.train_types)
+    except ValueError as exc:
+        parser.error(str(exc))
+    held_out = tuple(kind for kind in FACT_TYPES if kind not in trained_kinds)
+    if len(args.fillers) != 2 or not 4 <= args.fillers[0] <= args.fillers[1]:
+        parser.error("--fillers takes two numbers, fewest,most, the fewest at least 4 (3 facts and a question)")
+    if len(args.distances) > min(len(trained_kinds), len(held_out)):
+        parser.error(f"at most {min(len(trained_kinds), len(held_out))} distances: one fact type of each half apiece")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    base = load_model(ModelConfig(model=args.model, device=args.device, quantize="none"))
+    adapter = args.adapter
+    if adapter is None:
+        dialogues = training_dialogues(args.dialogues, trained_kinds, args.seed, args.fillers)
+        config = MemoryTrainingConfig(method="dialogue", lr=args.lr, seed=args.seed, max_steps=args.steps,
+                                      modules=tuple(m.strip() for m in args.modules.split(",") if m.strip()))
+
+        def progress(step: int, total: int, loss: float) -> None:
+            if step % 10 == 0 or step == total:
+                logger.info("training step %d/%d, loss %.3f", step, total, loss)
+
+        report = train_memory(base, dialogues, config, args.out, progress=progress)
+        logger.info("trained %d steps in %.0f s; held-out probe loss %.3f -> %.3f", report.steps, report.seconds,
+                    report.probe_loss_before, report.probe_loss_after)
+        adapter = args.out
+    trained = load_model(ModelConfig(model=args.model, device=args.device, quantize="none", adapter=adapter))
+    tokens = Tokens(base.tokenizer, base.eou_token_id, base.tokenizer.bos_token_id)
+    policies = make_policies(base.model, tokens, Engine(base).max_context(), StreamingLLMConfig(4, 256),
+                             [("", trained.model)], base.dtype, ("distance",))
+    for title, kinds in ((f"trained fact types ({', '.join(k.key for k in trained_kinds)})", trained_kinds),
+                         (f"held-out fact types ({', '.join(k.key for k in held_out)})", held_out)):
+        start = time.perf_counter()
+        hits = run_recall(policies, tokens, args.distances, args.trials, args.seed, kinds)
+        print(_report(f"\nrecall, {args.trials} trials, {title}, adapter {adapter.name} "
+                      f"({time.perf_counter() - start:.0f} s)", hits, args.distances), flush=True)
+
+
+if __name__ == "__main__":
+    main()
