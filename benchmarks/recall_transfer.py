@@ -116,7 +116,7 @@ def _report(title: str, hits: dict[str, dict[int, list[bool]]], distances: Seque
 
 def main(argv: Sequence[str] | None = None) -> None:
     from personalign.engine import Engine
-    from personalign.memory_training import MemoryTrainingConfig, train_memory
+    from personalign.memory_training import LOSS_ON, MemoryTrainingConfig, train_memory
     from personalign.models import ModelConfig, load_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -129,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="fewest,most utterances of a training dialogue before its questions go in")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--modules", default="q_proj,v_proj")
+    parser.add_argument("--loss-on", choices=LOSS_ON, default="all", help="the dialogue stage's targets")
     parser.add_argument("--steps", type=int, default=None, help="stop training after this many steps")
     parser.add_argument("--out", type=Path, default=Path("adapters/recall-transfer"))
     parser.add_argument("--adapter", type=Path, default=None, help="measure this adapter instead of training one")
@@ -155,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if adapter is None:
         dialogues = training_dialogues(args.dialogues, trained_kinds, args.seed, args.fillers)
         config = MemoryTrainingConfig(method="dialogue", lr=args.lr, seed=args.seed, max_steps=args.steps,
+                                      loss_on=args.loss_on,
                                       modules=tuple(m.strip() for m in args.modules.split(",") if m.strip()))
 
         def progress(step: int, total: int, loss: float) -> None:

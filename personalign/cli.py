@@ -22,6 +22,7 @@ from personalign.evaluation import MODES, PROFILE_SOURCES
 from personalign.generation import GenerationConfig
 from personalign.memory import MemoryPolicy
 from personalign.memory_training import (
+    LOSS_ON,
     METHODS,
     SYNTHETIC,
     MemoryTrainingConfig,
@@ -211,7 +212,7 @@ def cmd_train_memory(args: argparse.Namespace) -> int:
         raise UserError("train-memory trains a new adapter on the base model; leave out --adapter")
     config = MemoryTrainingConfig(method=args.method, max_steps=args.steps, lr=args.lr, rank=args.rank,
                                   samples=args.samples, seed=args.seed, batch_size=args.batch_size,
-                                  max_tokens=args.max_tokens, epochs=args.epochs,
+                                  max_tokens=args.max_tokens, epochs=args.epochs, loss_on=args.loss_on,
                                   modules=tuple(m.strip() for m in args.modules.split(",") if m.strip()))
     source = SYNTHETIC if args.data == SYNTHETIC else Path(args.data)
     load_dialogues(source, config)  # read once before the model loads: a bad file fails in a second, not a minute
@@ -335,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--modules", default=",".join(defaults.modules), metavar="NAMES",
                        help="comma-separated linear layers to adapt in every decoder layer (default: the "
                             "published q_proj,v_proj; add k_proj to let the sinks' keys be trained too)")
+    train.add_argument("--loss-on", choices=LOSS_ON, default=defaults.loss_on,
+                       help="the dialogue stage's targets: all (every utterance after the first, as published) "
+                            "or replies (only utterances answering one that ends in '?')")
     train.add_argument("--samples", type=int, default=defaults.samples, help="dialogues drawn from --data synthetic")
     train.add_argument("--seed", type=int, default=defaults.seed)
     train.add_argument("--batch-size", type=int, default=defaults.batch_size)

@@ -14,7 +14,8 @@ them hold their utterance:
 The published recipe then trains on whole dialogues under the inference mask itself (every
 utterance sees BOS, the earlier EoUs, the previous utterance and its own prefix), so the model
 learns to converse with the sinks rather than only to copy through them. ``method="all"`` runs
-that as a second stage after SMR and LMR; ``"dialogue"`` runs it alone.
+that as a second stage after SMR and LMR; ``"dialogue"`` runs it alone. ``loss_on="replies"``
+(not published) keeps that stage's loss to the replies to questions, the turns that must read a sink.
 
 Sequences are plain text, ``BOS u1 EoU u2 EoU ...`` (no chat template, no speaker tags), as in the
 paper. The attention patterns are given to the model as 4D additive masks, which transformers
@@ -56,6 +57,9 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("smr", "lmr", "both", "dialogue", "all")
 """``both``: SMR and LMR mixed; ``all``: that, then the dialogue stage (the published recipe)."""
+LOSS_ON = ("all", "replies")
+"""Which utterances carry the dialogue stage's loss: every one after the first (published), or only
+replies to a question (an utterance after one ending in "?"), where an answer must come back from a sink."""
 SYNTHETIC = "synthetic"
 """The ``samples_source`` (and ``--data``) value that selects the built-in synthetic dialogues."""
 IGNORE = -100  # label of a position that carries no loss (the cross-entropy ignore_index)
@@ -81,10 +85,16 @@ class MemoryTrainingConfig:
     seed: int = 0
     samples: int = 1000  # dialogues drawn from the synthetic source
     modules: tuple[str, ...] = TARGET_MODULES  # the published q_proj, v_proj
+    loss_on: str = "all"  # all | replies, of the dialogue stage (see LOSS_ON)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        if self.loss_on not in LOSS_ON:
+            raise ValueError(f"loss_on must be one of {', '.join(LOSS_ON)}; got {self.loss_on!r}")
+        if self.loss_on != "all" and self.method not in ("dialogue", "all"):
+            raise ValueError(f"loss_on={self.loss_on!r} chooses the dialogue stage's targets, and method "
+                             f"{self.method!r} has no dialogue stage; use dialogue or all")
         for name in ("epochs", "batch_size", "pairs", "samples"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer; got {getattr(self, name)!r}")
@@ -324,6 +334,16 @@ def answer_indices(dialogue: Sequence[str]) -> list[int]:
     return [i for i in range(1, len(dialogue)) if any(p.fullmatch(dialogue[i - 1]) for p in _ASKED)]
 
 
+def reply_indices(dialogue: Sequence[str]) -> list[int]:
+    """Which utterances reply to a question: those after an utterance that ends in a question mark.
+
+    Works on any corpus, unlike ``answer_indices``: in the built-in dialogues it finds every answer
+    (and the statements that follow a "What about you?"). Under the inference mask a reply sees its
+    question whole, so what the question asks about further back must come out of a sink.
+    """
+    return [i for i in range(1, len(dialogue)) if dialogue[i - 1].rstrip().endswith("?")]
+
+
 def load_dialogues(source: str | Path | Sequence[Sequence[str]], config: MemoryTrainingConfig) -> list[Dialogue]:
     """Dialogues from ``source``: ``"synthetic"``, a corpus file path, or dialogues already in memory."""
     if isinstance(source, str) and source == SYNTHETIC:
@@ -437,20 +457,25 @@ def lmr_sample(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], repeat: int
     return MemorySample(ids, _labels(ids, spans[-2:]), links, eou_id, "lmr")
 
 
-def dialogue_sample(utterances: Sequence[Sequence[int]], eou_id: int, bos_id: int) -> MemorySample:
+def dialogue_sample(utterances: Sequence[Sequence[int]], eou_id: int, bos_id: int,
+                    targets: Iterable[int] | None = None) -> MemorySample:
     """``BOS u1 EoU u2 EoU ...`` of one dialogue under the inference mask; the loss is on u2 onwards.
 
     Utterance i sees BOS, the EoUs of all earlier utterances, the whole of utterance i-1 and its
     own prefix: exactly what it sees when the app runs the StreamingDialogue cache. The first
-    utterance carries no loss, since nothing before it says what it should be.
+    utterance carries no loss, since nothing before it says what it should be. ``targets``
+    (0-based utterance numbers, 1 or more) limits the loss to those utterances.
     """
     if len(utterances) < 2:
         raise ValueError(f"a dialogue sample needs at least two utterances; got {len(utterances)}")
     ids, spans = _layout(utterances, eou_id, bos_id)
     n = len(spans)
+    chosen = range(1, n) if targets is None else sorted(set(targets))
+    if any(not 1 <= i < n for i in chosen):
+        raise ValueError(f"targets must be utterance numbers from 1 to {n - 1}; got {list(chosen)}")
     links = torch.ones(n, n, dtype=torch.int8).tril(-1) * SEES_EOU  # (N, N): every earlier EoU
     links[torch.arange(1, n), torch.arange(n - 1)] = SEES_ALL  # and the whole previous utterance
-    return MemorySample(ids, _labels(ids, spans[1:]), links, eou_id, "dialogue")
+    return MemorySample(ids, _labels(ids, [spans[i] for i in chosen]), links, eou_id, "dialogue")
 
 
 def tokenize_dialogues(dialogues: Sequence[Dialogue], tokenizer: Any, max_tokens: int,
@@ -506,18 +531,25 @@ def _lmr_samples(pool: list[tuple[int, list[int], list[int]]], config: MemoryTra
 
 
 def _dialogue_samples(tokenized: list[list[list[int]]], config: MemoryTrainingConfig, eou_id: int,
-                      bos_id: int) -> list[MemorySample]:
-    """Each dialogue as consecutive runs of utterances that fit ``max_tokens``, two or more to a run."""
+                      bos_id: int, targets: Sequence[set[int]] | None = None) -> list[MemorySample]:
+    """Each dialogue as consecutive runs of utterances that fit ``max_tokens``, two or more to a run.
+
+    ``targets``: per dialogue, the utterances that carry the loss (None: all but each run's first);
+    a run holding none of them is left out.
+    """
     samples = []
-    for utts in tokenized:
+    for number, utts in enumerate(tokenized):
         run: list[list[int]] = []
-        length = 1
-        for utt in [*utts, None]:
+        first, length = 0, 1  # first: the dialogue's number for the run's first utterance
+        for index, utt in enumerate([*utts, None]):
             if utt is None or (run and length + len(utt) + 1 > config.max_tokens):
-                if len(run) >= 2:
-                    samples.append(dialogue_sample(run, eou_id, bos_id))
+                wanted = None if targets is None else [i - first for i in targets[number]
+                                                       if first < i < first + len(run)]
+                if len(run) >= 2 and (wanted is None or wanted):
+                    samples.append(dialogue_sample(run, eou_id, bos_id, wanted))
                 # The next run starts with the utterance it replies to, as the cache would hold it.
                 run, length = run[-1:], 1 + (len(run[-1]) + 1 if run else 0)
+                first = index - len(run)
             if utt is not None:
                 run.append(utt)
                 length += len(utt) + 1
@@ -538,7 +570,15 @@ def build_stages(dialogues: Sequence[Dialogue], tokenizer: Any, config: MemoryTr
     if config.method != "dialogue":
         stages.append(_memory_samples(tokenized, config, rng, eou_id, bos_id))
     if config.method in ("dialogue", "all"):
-        samples = _dialogue_samples(tokenized, config, eou_id, bos_id)
+        targets = None
+        if config.loss_on == "replies":
+            if any(len(t) != len(d) for t, d in zip(tokenized, dialogues)):  # an utterance tokenized to nothing
+                raise ValueError("loss_on='replies' needs every utterance to keep at least one token")
+            targets = [set(reply_indices(d)) for d in dialogues]
+        samples = _dialogue_samples(tokenized, config, eou_id, bos_id, targets)
+        if not samples and targets is not None:
+            raise ValueError("loss_on='replies' found no reply to a question (an utterance after one "
+                             "ending in '?') in the dialogues")
         if not samples:
             raise ValueError("the dialogue stage needs dialogues of at least two utterances; none were found")
         rng.shuffle(samples)
@@ -746,6 +786,7 @@ def train_memory(loaded: LoadedModel, samples_source: str | Path | Sequence[Sequ
             "bos_token_id": bos, "method": config.method, "steps": len(losses), "final_loss": round(losses[-1], 6),
             "probe_loss_before": round(probe_before, 6), "probe_loss_after": round(probe_after, 6),
             "lr": config.lr, "epochs": config.epochs, "max_tokens": config.max_tokens, "seed": config.seed,
+            "loss_on": config.loss_on,
             "data": data, "continued_from": earlier,
         })
     logger.info("memory training done: %d steps in %.1f s, loss %.4f -> %.4f", len(losses), seconds, losses[0],

@@ -25,6 +25,7 @@ from personalign.memory_training import (
     lmr_sample,
     load_corpus,
     memory_loss,
+    reply_indices,
     smr_sample,
     synthetic_dialogues,
     train_memory,
@@ -127,6 +128,36 @@ def test_dialogue_sample_is_the_inference_mask_with_loss_after_the_first_utteran
     assert sample.labels.tolist() == [IGNORE, IGNORE, IGNORE, B, B, EOU, C, EOU] and sample.kind == "dialogue"
     with pytest.raises(ValueError, match="two utterances"):
         dialogue_sample([[A]], EOU, BOS)
+
+
+def test_dialogue_sample_targets_limit_the_loss_to_the_utterances_named() -> None:
+    sample = dialogue_sample([[A], [B, B], [C]], EOU, BOS, targets=[2])
+    assert sample.labels.tolist() == [IGNORE] * 6 + [C, EOU]
+    assert torch.equal(sample.attention, dialogue_sample([[A], [B, B], [C]], EOU, BOS).attention)
+    for bad in ([0], [3]):  # the first utterance has nothing before it; there is no fourth
+        with pytest.raises(ValueError, match="targets must be utterance numbers from 1 to 2"):
+            dialogue_sample([[A], [B, B], [C]], EOU, BOS, targets=bad)
+
+
+def test_reply_indices_are_the_utterances_after_a_question() -> None:
+    assert reply_indices(["Hi?", "yes", "Why? ", "no", "ok.", "So?"]) == [1, 3]
+    assert reply_indices(["Nothing asked.", "Still nothing."]) == []
+
+
+def test_replies_carry_the_loss_once_each_across_the_runs_a_dialogue_is_cut_into(tiny_llm) -> None:
+    dialogue = ("Hi?", "yes", "Why?", "no", "ok", "So?", "fine", "bye")  # replies: 1, 3, 6
+    config = MemoryTrainingConfig(method="dialogue", loss_on="replies", max_tokens=24)
+    (samples,) = build_stages([dialogue], tiny_llm.tokenizer, config, eou_id=EOU, bos_id=BOS)
+    assert len(samples) >= 2  # 33 tokens do not fit 24: the dialogue is cut into runs
+    scored = []
+    for sample in samples:
+        utterance = sample.utterance_of_token
+        for number in utterance[sample.labels != IGNORE].unique().tolist():
+            tokens = sample.input_ids[(utterance == number) & (sample.input_ids != EOU)]
+            scored.append(tiny_llm.tokenizer.decode(tokens.tolist()))
+    assert sorted(scored) == ["fine", "no", "yes"]
+    with pytest.raises(ValueError, match="found no reply to a question"):
+        build_stages([("Hello.", "Hi.")], tiny_llm.tokenizer, config, eou_id=EOU, bos_id=BOS)
 
 
 def test_all_runs_the_memory_objectives_then_whole_dialogues(tiny_llm) -> None:
@@ -371,6 +402,15 @@ def test_config_is_checked(kwargs) -> None:
         MemoryTrainingConfig(**kwargs)
 
 
+def test_loss_on_replies_needs_a_dialogue_stage() -> None:
+    with pytest.raises(ValueError, match="loss_on must be one of"):
+        MemoryTrainingConfig(method="dialogue", loss_on="answers")
+    with pytest.raises(ValueError, match="has no dialogue stage"):
+        MemoryTrainingConfig(method="both", loss_on="replies")
+    assert MemoryTrainingConfig(method="all", loss_on="replies").loss_on == "replies"
+    assert MemoryTrainingConfig().loss_on == "all"  # the published targets by default
+
+
 def test_config_defaults_follow_the_published_recipe() -> None:
     config = MemoryTrainingConfig()
     assert (config.method, config.rank, config.alpha, config.lr, config.epochs) == ("both", 8, 16, 5e-5, 1)
@@ -526,6 +566,7 @@ def test_train_memory_command_adapts_the_modules_asked_for(tiny_folder, tmp_path
     assert code == 0, capsys.readouterr().err
     meta = json.loads((out / ADAPTER_METADATA).read_text())
     assert (meta["lora"]["target_modules"], meta["epochs"]) == (["q_proj", "k_proj", "v_proj"], 2)
+    assert meta["loss_on"] == "all"
     assert sorted(json.loads((out / "adapter_config.json").read_text())["target_modules"]) == [
         "k_proj", "q_proj", "v_proj"]
     adapted = load_model(ModelConfig(model=str(tiny_folder), device="cpu", adapter=out))
@@ -550,6 +591,7 @@ def test_train_memory_names_the_layers_a_model_has_when_asked_for_one_it_lacks(t
         (["--data", "synthetic", "--init", "no-such-adapter"], "does not exist"),
         (["--data", "synthetic", "--modules", ","], "modules must be"),
         (["--data", "synthetic", "--epochs", "0"], "epochs must be"),
+        (["--data", "synthetic", "--loss-on", "replies"], "no dialogue stage"),
     ],
 )
 def test_train_memory_errors_are_one_line_and_exit_2(tiny_folder, tmp_path, capsys, extra, message) -> None:
@@ -557,3 +599,12 @@ def test_train_memory_errors_are_one_line_and_exit_2(tiny_folder, tmp_path, caps
                  *extra])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and message in err
+
+
+def test_train_memory_command_trains_on_replies_when_asked(tiny_folder, tmp_path, capsys) -> None:
+    out = tmp_path / "replies"
+    code = main(["train-memory", "--model", str(tiny_folder), "--device", "cpu", "--data", "synthetic",
+                 "--samples", "8", "--out", str(out), "--method", "dialogue", "--loss-on", "replies",
+                 "--steps", "1", "--max-tokens", "128"])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((out / ADAPTER_METADATA).read_text())["loss_on"] == "replies"
