@@ -18,7 +18,13 @@ separately on the trained fact types and on the held-out ones, so the two readin
 are told apart: learning to read a sink, or learning these fact types. The probe dialogues are
 drawn from the benchmark's own seeds, and the training dialogues from others.
 
-With ``--adapter`` an adapter trained before is measured instead of training a new one.
+Before recall, the answers of held-out dialogues of the training kind are scored as
+``sink_information.py`` scores them: loss per token through the sinks, with every sink hidden,
+and with the whole history in view, for the untrained and the trained model. If the sinks give
+the answers nothing on the very kind of dialogue trained on, no recall gain can be expected.
+
+With ``--adapter`` an adapter trained before is measured instead of training a new one;
+``--no-recall`` stops after the answer losses.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -93,6 +100,28 @@ def paired(trained: Sequence[bool], other: Sequence[bool]) -> tuple[int, int]:
     return (sum(t and not o for t, o in zip(trained, other)), sum(o and not t for t, o in zip(trained, other)))
 
 
+def reply_losses(loaded: Any, dialogues: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Loss per token of the replies to questions in ``dialogues``, under each ``sink_information`` view.
+
+    The replies are the answers (and, now and then, a filler after one of the pool's few filler
+    questions); their EoUs are not scored. ``hidden - sinks`` is what the sinks give the answers.
+    """
+    from benchmarks.sink_information import VIEWS, only_utterances, view
+    from personalign.memory_training import (
+        MemoryTrainingConfig,
+        bos_token_id,
+        build_stages,
+        memory_loss,
+    )
+
+    config = MemoryTrainingConfig(method="dialogue", loss_on="replies", samples=len(dialogues))
+    (samples,) = build_stages(dialogues, loaded.tokenizer, config, eou_id=loaded.eou_token_id,
+                              bos_id=bos_token_id(loaded))
+    samples = [only_utterances(s, range(1, len(s.links))) for s in samples]  # the same targets, less their EoUs
+    return {name: memory_loss(loaded.model, [view(s, name) for s in samples], pad_id=loaded.eou_token_id,
+                              dtype=loaded.model.dtype, device=loaded.model.device) for name in VIEWS}
+
+
 def _report(title: str, hits: dict[str, dict[int, list[bool]]], distances: Sequence[int]) -> str:
     from personalign.evaluation import paired_exact_p, wilson_interval
 
@@ -135,6 +164,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--adapter", type=Path, default=None, help="measure this adapter instead of training one")
     parser.add_argument("--distances", type=_ints, default=(1, 10, 30, 100))
     parser.add_argument("--trials", type=int, default=16)
+    parser.add_argument("--reply-dialogues", type=int, default=60,
+                        help="held-out training-kind dialogues whose replies are scored")
+    parser.add_argument("--no-recall", dest="recall", action="store_false",
+                        help="score the replies only, not the recall probe")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
@@ -168,6 +201,16 @@ def main(argv: Sequence[str] | None = None) -> None:
                     report.probe_loss_before, report.probe_loss_after)
         adapter = args.out
     trained = load_model(ModelConfig(model=args.model, device=args.device, quantize="none", adapter=adapter))
+    # Held-out dialogues of the training kind (another seed): do the sinks give its answers anything?
+    unseen = training_dialogues(args.reply_dialogues, trained_kinds, args.seed + 1, args.fillers)
+    print(f"\nloss per reply token on {len(unseen)} held-out training-kind dialogues (sinks / hidden / dense, "
+          "carried = hidden - sinks)")
+    for name, loaded in (("untrained", base), (adapter.name, trained)):
+        cells = reply_losses(loaded, unseen)
+        print(f"| {name} | {cells['sinks']:.3f} / {cells['hidden']:.3f} / {cells['dense']:.3f} | "
+              f"{cells['hidden'] - cells['sinks']:+.3f} |", flush=True)
+    if not args.recall:
+        return
     tokens = Tokens(base.tokenizer, base.eou_token_id, base.tokenizer.bos_token_id)
     policies = make_policies(base.model, tokens, Engine(base).max_context(), StreamingLLMConfig(4, 256),
                              [("", trained.model)], base.dtype, ("distance",))

@@ -57,3 +57,10 @@ def test_fillers_set_the_length_and_too_few_are_refused() -> None:
     assert lengths == {4 + 6, 5 + 6, 6 + 6}  # the fillers, then a question and an answer per fact
     with pytest.raises(ValueError, match="cannot hold 3 facts"):
         rt.training_dialogue(rng, TRAINED, fillers=(3, 3))
+
+
+def test_reply_losses_score_every_view_on_the_tiny_model(tiny_llm) -> None:
+    losses = rt.reply_losses(tiny_llm, rt.training_dialogues(4, TRAINED, fillers=(4, 5)))
+    assert list(losses) == ["sinks", "hidden", "dense"]
+    assert all(0 < loss < 20 for loss in losses.values())
+    assert losses["sinks"] != losses["hidden"]  # the views differ: hiding the sinks changes what is seen
