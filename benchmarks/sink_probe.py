@@ -225,18 +225,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    results, rows = [], None
+    results, rows = [], []
     for adapter in [None, *args.adapter]:
         loaded = load_model(ModelConfig(model=args.model, device=args.device, quantize="none",
                                         adapter=None if adapter is None else Path(adapter)))
-        rows = statements(loaded.tokenizer, args.per_value, args.seed, loaded.eou_token_id, bos_token_id(loaded))
+        if not rows:  # an adapter leaves the tokenizer as it is: one set of sequences serves every model
+            rows = statements(loaded.tokenizer, args.per_value, args.seed, loaded.eou_token_id, bos_token_id(loaded))
         feats = features(loaded.model, rows)
         accuracy = site_accuracy(feats, rows, folds=args.folds, ridge=args.ridge, seed=args.seed)
         name = "base" if adapter is None else Path(adapter).name
         logger.info("%s: %s", name, {site: round(float(a.max()), 3) for site, a in accuracy.items()})
         results.append((name, accuracy))
 
-    assert rows is not None
     layers = len(results[0][1][SITES[0]])
     shown = _layers_shown(layers)
     odds = chance(rows)
