@@ -65,7 +65,7 @@ from personalign.generation import (
     prefill,
 )
 from personalign.memory import kv_bytes_per_token, memory_positions
-from personalign.memory_cache import POSITION_RULES
+from personalign.memory_cache import POSITION_RULES, Positions
 from personalign.streaming_dialogue import StreamingDialogueCache
 from personalign.streaming_llm import StreamingLLMCache, StreamingLLMConfig
 
@@ -445,12 +445,15 @@ def _cache_policy(label: str, model: Any, make_cache: Callable[[], Any], eou: in
 
 def make_policies(base: Any, tokens: Tokens, context: int, llm: StreamingLLMConfig,
                   trained: Sequence[tuple[str, Any]] = (), dtype: torch.dtype | None = None,
-                  positions: Sequence[str] = ("compressed",)) -> list[Policy]:
+                  positions: Sequence[str] = ("compressed",), distance_caps: Sequence[int] = ()) -> list[Policy]:
     """dense, then streaming-llm and streaming-dialogue under each position rule in ``positions``.
 
     ``base`` runs every row; each ``(name, model)`` in ``trained`` (a model with a memory
     adapter) adds trained streaming-dialogue rows, "trained NAME" (plain "trained" when the
-    name is empty). ``dtype``: what the KV cache holds (default: the model's).
+    name is empty). ``dtype``: what the KV cache holds (default: the model's). Each cap in
+    ``distance_caps`` adds streaming-dialogue rows under the distance rule capped there rather
+    than at the context: every key then sits at most that far back, whatever the dialogue's
+    length, so a model trained on sequences that long reads only distances it was trained on.
     """
     if not positions or any(rule not in POSITION_RULES for rule in positions):
         raise ValueError(f"positions must be some of {POSITION_RULES}; got {positions!r}")
@@ -466,6 +469,11 @@ def make_policies(base: Any, tokens: Tokens, context: int, llm: StreamingLLMConf
                                       lambda r=rope: StreamingLLMCache(llm, positions=r), eou))
         for name, model in models:
             policies.append(_cache_policy(f"streaming-dialogue{name} ({tag})", model,
+                                          lambda r=rope: StreamingDialogueCache(eou, bos, positions=r), eou))
+    for cap in distance_caps:
+        rope = Positions.for_model("distance", base, max_distance=cap)
+        for name, model in models:
+            policies.append(_cache_policy(f"streaming-dialogue{name} (distance pos, cap {cap})", model,
                                           lambda r=rope: StreamingDialogueCache(eou, bos, positions=r), eou))
     return policies
 

@@ -56,6 +56,51 @@ TRAIN_SEED = 7_000_003  # training dialogues come from their own stream, apart f
 MAX_GAP = 12  # a question comes 1..MAX_GAP utterances after its fact, so a dialogue fits 512 tokens
 FILLERS = (12, 24)  # utterances of a training dialogue before its questions go in
 
+# Fact types only ever trained on, never probed (``--more-types``): with them every one of the
+# probe's ten types can be held out while the training still sees many ways a fact is stated.
+# Like the probe's, none touches a topic of the filler pool or of another type.
+TRAINING_ONLY_TYPES: tuple[FactType, ...] = (
+    FactType("brother", "My brother's name is {}.", "What is my brother's name?", "Your brother's name is",
+             ("Tom", "Leo", "Sam", "Oscar", "Felix", "Hugo", "Ben", "Adam", "Jack", "Noah")),
+    FactType("flight", "My flight number is {}.", "What is my flight number?", "Your flight number is",
+             ("BA217", "LH904", "AF332", "KL618", "IB275", "SK561", "AY143", "OS786", "TP490", "EI827")),
+    FactType("sport", "I play {} on weekends.", "Which sport do I play on weekends?", "You play",
+             ("tennis", "football", "golf", "hockey", "rugby", "cricket", "volleyball", "badminton", "squash",
+              "baseball")),
+    FactType("birthday", "My birthday is in {}.", "When is my birthday?", "Your birthday is in",
+             ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October")),
+    FactType("food", "My favourite food is {}.", "What is my favourite food?", "Your favourite food is",
+             ("pizza", "sushi", "pasta", "curry", "tacos", "paella", "ramen", "lasagne", "risotto", "dumplings")),
+    FactType("language", "I am learning {}.", "Which language am I learning?", "You are learning",
+             ("German", "Spanish", "Italian", "Japanese", "Korean", "Arabic", "Polish", "Greek", "Turkish", "Dutch")),
+    FactType("street", "I live on {}.", "Which street do I live on?", "You live on",
+             ("Oak Lane", "Mill Road", "Church Street", "Park Avenue", "High Street", "Elm Close", "Station Road",
+              "King Street", "Queens Drive", "Bridge Lane")),
+    FactType("doctor", "My doctor is called Dr {}.", "What is my doctor called?", "Your doctor is called Dr",
+             ("Patel", "Smith", "Jones", "Khan", "Novak", "Rossi", "Meyer", "Silva", "Kowalski", "Dubois")),
+    FactType("trip", "Next year I am travelling to {}.", "Where am I travelling next year?", "You are travelling to",
+             ("Japan", "Peru", "Kenya", "Canada", "Norway", "Brazil", "India", "Egypt", "Mexico", "Iceland")),
+    FactType("wifi", "The wifi password is {}.", "What is the wifi password?", "The wifi password is",
+             ("falcon", "maple", "copper", "velvet", "harbour", "quartz", "meadow", "tiger", "cobalt", "jasmine")),
+    FactType("bus", "I take the number {} bus to work.", "Which bus do I take to work?", "You take the number",
+             ("12", "45", "7", "88", "23", "31", "56", "9", "74", "19")),
+    FactType("daughter", "My daughter is {} years old.", "How old is my daughter?", "Your daughter is",
+             ("4", "6", "7", "9", "11", "13", "15", "8", "10", "12")),
+    FactType("subject", "I teach {} at the school.", "What subject do I teach?", "You teach",
+             ("history", "maths", "biology", "chemistry", "physics", "geography", "music", "art", "drama",
+              "economics")),
+    FactType("floor", "I live on the {} floor.", "Which floor do I live on?", "You live on the",
+             ("second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth", "eleventh")),
+    FactType("allergy", "I am allergic to {}.", "What am I allergic to?", "You are allergic to",
+             ("peanuts", "shellfish", "penicillin", "wheat", "eggs", "latex", "soy", "dust", "wasps", "sesame")),
+    FactType("wife", "My wife's name is {}.", "What is my wife's name?", "Your wife's name is",
+             ("Anna", "Rachel", "Sarah", "Olivia", "Chloe", "Megan", "Hannah", "Lucy", "Zoe", "Ruth")),
+    FactType("seat", "My seat number is {}.", "What is my seat number?", "Your seat number is",
+             ("14A", "22C", "7F", "31B", "18D", "3E", "26A", "11C", "9B", "40F")),
+    FactType("boss", "My boss is called {}.", "What is my boss called?", "Your boss is called",
+             ("Harris", "Walker", "Turner", "Hughes", "Lewis", "Carter", "Morgan", "Evans", "Wright", "Parker")),
+)
+
 
 def fact_types(names: str) -> tuple[FactType, ...]:
     """The ``FACT_TYPES`` named in the comma list ``names``, in the order given."""
@@ -68,9 +113,9 @@ def fact_types(names: str) -> tuple[FactType, ...]:
 
 
 def training_dialogue(rng: random.Random, kinds: Sequence[FactType], facts: int = 3,
-                      fillers: tuple[int, int] = FILLERS) -> tuple[str, ...]:
+                      fillers: tuple[int, int] = FILLERS, max_gap: int = MAX_GAP) -> tuple[str, ...]:
     """``fillers`` (a range) small-talk utterances, ``facts`` of them replaced by statements of
-    different ``kinds``, each asked about and answered 1..``MAX_GAP`` utterances after it was stated.
+    different ``kinds``, each asked about and answered 1..``max_gap`` utterances after it was stated.
 
     The answer is the probe's answer opener and the value, so what is learnt is exactly what the
     probe scores. The answer comes after the question, so under the inference mask it sees the
@@ -84,15 +129,15 @@ def training_dialogue(rng: random.Random, kinds: Sequence[FactType], facts: int 
     for i, (kind, at) in enumerate(zip(chosen, rng.sample(range(n - 1), len(chosen)))):
         value = rng.choice(kind.values)
         slots[at] = (float(at), kind.statement.format(value))
-        asked = min(at + rng.randint(1, MAX_GAP), n) - 0.5 + 0.1 * i  # after utterance at+gap-1, before the next
+        asked = min(at + rng.randint(1, max_gap), n) - 0.5 + 0.1 * i  # after utterance at+gap-1, before the next
         slots += [(asked, kind.question), (asked + 0.05, f"{kind.answer} {value}.")]
     return tuple(text for _, text in sorted(slots, key=lambda slot: slot[0]))
 
 
-def training_dialogues(count: int, kinds: Sequence[FactType], seed: int = 0,
-                       fillers: tuple[int, int] = FILLERS) -> list[tuple[str, ...]]:
+def training_dialogues(count: int, kinds: Sequence[FactType], seed: int = 0, fillers: tuple[int, int] = FILLERS,
+                       facts: int = 3, max_gap: int = MAX_GAP) -> list[tuple[str, ...]]:
     rng = random.Random(TRAIN_SEED + seed)
-    return [training_dialogue(rng, kinds, fillers=fillers) for _ in range(count)]
+    return [training_dialogue(rng, kinds, facts, fillers, max_gap) for _ in range(count)]
 
 
 def paired(trained: Sequence[bool], other: Sequence[bool]) -> tuple[int, int]:
@@ -100,7 +145,7 @@ def paired(trained: Sequence[bool], other: Sequence[bool]) -> tuple[int, int]:
     return (sum(t and not o for t, o in zip(trained, other)), sum(o and not t for t, o in zip(trained, other)))
 
 
-def reply_losses(loaded: Any, dialogues: Sequence[Sequence[str]]) -> dict[str, float]:
+def reply_losses(loaded: Any, dialogues: Sequence[Sequence[str]], max_tokens: int = 512) -> dict[str, float]:
     """Loss per token of the replies to questions in ``dialogues``, under each ``sink_information`` view.
 
     The replies are the answers (and, now and then, a filler after one of the pool's few filler
@@ -114,7 +159,7 @@ def reply_losses(loaded: Any, dialogues: Sequence[Sequence[str]]) -> dict[str, f
         memory_loss,
     )
 
-    config = MemoryTrainingConfig(method="dialogue", loss_on="replies", samples=len(dialogues))
+    config = MemoryTrainingConfig(method="dialogue", loss_on="replies", samples=len(dialogues), max_tokens=max_tokens)
     (samples,) = build_stages(dialogues, loaded.tokenizer, config, eou_id=loaded.eou_token_id,
                               bos_id=bos_token_id(loaded))
     samples = [only_utterances(s, range(1, len(s.links))) for s in samples]  # the same targets, less their EoUs
@@ -133,13 +178,16 @@ def _report(title: str, hits: dict[str, dict[int, list[bool]]], distances: Seque
             low, high = wilson_interval(sum(cells[d]), len(cells[d]))
             parts.append(f"{sum(cells[d]) / len(cells[d]):.2f} [{low:.2f}, {high:.2f}]")
         lines.append(f"| {label} | " + " | ".join(parts) + " |")
-    trained = next(label for label in hits if "trained" in label and "untrained" not in label)
-    for other in (label for label in hits if label.startswith(("streaming-llm", "streaming-dialogue untrained"))):
-        cells = []
-        for d in distances:
-            wins, losses = paired(hits[trained][d], hits[other][d])
-            cells.append(f"+{wins}/-{losses} (p {paired_exact_p(wins, losses):.2f})")
-        lines.append(f"| trained vs {other}, paired | " + " | ".join(cells) + " |")
+    # Each trained row against streaming-llm and against the untrained sinks under its own position rule.
+    llm = next(label for label in hits if label.startswith("streaming-llm"))
+    for trained in (label for label in hits if label.startswith("streaming-dialogue trained")):
+        for other in (llm, trained.replace(" trained", " untrained", 1)):
+            cells = []
+            for d in distances:
+                wins, losses = paired(hits[trained][d], hits[other][d])
+                cells.append(f"+{wins}/-{losses} (p {paired_exact_p(wins, losses):.2f})")
+            lines.append(f"| {trained.removeprefix('streaming-dialogue ')} vs {other}, paired | "
+                         + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -156,12 +204,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--dialogues", type=int, default=600)
     parser.add_argument("--fillers", type=_ints, default=FILLERS,
                         help="fewest,most utterances of a training dialogue before its questions go in")
+    parser.add_argument("--facts", type=int, default=3, help="facts stated, asked and answered per training dialogue")
+    parser.add_argument("--max-gap", type=int, default=MAX_GAP,
+                        help="a training question comes at most this many utterances after its fact")
+    parser.add_argument("--more-types", action="store_true",
+                        help=f"train on the {len(TRAINING_ONLY_TYPES)} training-only fact types too")
+    parser.add_argument("--max-tokens", type=int, default=512, help="longest training sequence")
+    parser.add_argument("--distance-caps", type=_ints, default=(),
+                        help="also measure StreamingDialogue under the distance rule capped at each of these")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--modules", default="q_proj,v_proj")
     parser.add_argument("--loss-on", choices=LOSS_ON, default="all", help="the dialogue stage's targets")
     parser.add_argument("--steps", type=int, default=None, help="stop training after this many steps")
     parser.add_argument("--out", type=Path, default=Path("adapters/recall-transfer"))
     parser.add_argument("--adapter", type=Path, default=None, help="measure this adapter instead of training one")
+    parser.add_argument("--start-from", type=Path, default=None,
+                        help="a memory adapter to go on training (default: a fresh LoRA)")
+    parser.add_argument("--halves", default="trained,held-out",
+                        help="which fact types the recall probe asks about: trained, held-out or both")
     parser.add_argument("--distances", type=_ints, default=(1, 10, 30, 100))
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--reply-dialogues", type=int, default=60,
@@ -176,8 +236,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValueError as exc:
         parser.error(str(exc))
     held_out = tuple(kind for kind in FACT_TYPES if kind not in trained_kinds)
-    if len(args.fillers) != 2 or not 4 <= args.fillers[0] <= args.fillers[1]:
-        parser.error("--fillers takes two numbers, fewest,most, the fewest at least 4 (3 facts and a question)")
+    taught = trained_kinds + (TRAINING_ONLY_TYPES if args.more_types else ())
+    if not 1 <= args.facts <= len(taught):
+        parser.error(f"--facts is 1 to {len(taught)}, the fact types trained on")
+    if len(args.fillers) != 2 or not args.facts + 1 <= args.fillers[0] <= args.fillers[1]:
+        parser.error("--fillers takes two numbers, fewest,most, the fewest at least --facts + 1 (the facts and "
+                     "a question)")
+    if args.max_gap < 1:
+        parser.error("--max-gap is at least 1")
+    halves = [h.strip() for h in args.halves.split(",") if h.strip()]
+    if not halves or not set(halves) <= {"trained", "held-out"}:
+        parser.error("--halves is trained, held-out or both, comma-separated")
     if len(args.distances) > min(len(trained_kinds), len(held_out)):
         parser.error(f"at most {min(len(trained_kinds), len(held_out))} distances: one fact type of each half apiece")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -187,35 +256,36 @@ def main(argv: Sequence[str] | None = None) -> None:
     base = load_model(ModelConfig(model=args.model, device=args.device, quantize="none"))
     adapter = args.adapter
     if adapter is None:
-        dialogues = training_dialogues(args.dialogues, trained_kinds, args.seed, args.fillers)
+        dialogues = training_dialogues(args.dialogues, taught, args.seed, args.fillers, args.facts, args.max_gap)
         config = MemoryTrainingConfig(method="dialogue", lr=args.lr, seed=args.seed, max_steps=args.steps,
-                                      loss_on=args.loss_on,
+                                      loss_on=args.loss_on, max_tokens=args.max_tokens,
                                       modules=tuple(m.strip() for m in args.modules.split(",") if m.strip()))
 
         def progress(step: int, total: int, loss: float) -> None:
             if step % 10 == 0 or step == total:
                 logger.info("training step %d/%d, loss %.3f", step, total, loss)
 
-        report = train_memory(base, dialogues, config, args.out, progress=progress)
+        report = train_memory(base, dialogues, config, args.out, progress=progress, start_from=args.start_from)
         logger.info("trained %d steps in %.0f s; held-out probe loss %.3f -> %.3f", report.steps, report.seconds,
                     report.probe_loss_before, report.probe_loss_after)
         adapter = args.out
     trained = load_model(ModelConfig(model=args.model, device=args.device, quantize="none", adapter=adapter))
     # Held-out dialogues of the training kind (another seed): do the sinks give its answers anything?
-    unseen = training_dialogues(args.reply_dialogues, trained_kinds, args.seed + 1, args.fillers)
+    unseen = training_dialogues(args.reply_dialogues, taught, args.seed + 1, args.fillers, args.facts, args.max_gap)
     print(f"\nloss per reply token on {len(unseen)} held-out training-kind dialogues (sinks / hidden / dense, "
           "carried = hidden - sinks)")
     for name, loaded in (("untrained", base), (adapter.name, trained)):
-        cells = reply_losses(loaded, unseen)
+        cells = reply_losses(loaded, unseen, args.max_tokens)
         print(f"| {name} | {cells['sinks']:.3f} / {cells['hidden']:.3f} / {cells['dense']:.3f} | "
               f"{cells['hidden'] - cells['sinks']:+.3f} |", flush=True)
     if not args.recall:
         return
     tokens = Tokens(base.tokenizer, base.eou_token_id, base.tokenizer.bos_token_id)
     policies = make_policies(base.model, tokens, Engine(base).max_context(), StreamingLLMConfig(4, 256),
-                             [("", trained.model)], base.dtype, ("distance",))
-    for title, kinds in ((f"trained fact types ({', '.join(k.key for k in trained_kinds)})", trained_kinds),
-                         (f"held-out fact types ({', '.join(k.key for k in held_out)})", held_out)):
+                             [("", trained.model)], base.dtype, ("distance",), args.distance_caps)
+    asked = {"trained": (f"trained fact types ({', '.join(k.key for k in trained_kinds)})", trained_kinds),
+             "held-out": (f"held-out fact types ({', '.join(k.key for k in held_out)})", held_out)}
+    for title, kinds in (asked[half] for half in halves):
         start = time.perf_counter()
         hits = run_recall(policies, tokens, args.distances, args.trials, args.seed, kinds)
         print(_report(f"\nrecall, {args.trials} trials, {title}, adapter {adapter.name} "

@@ -199,6 +199,20 @@ def test_policy_rows_and_labels(tiny_llm, tokens) -> None:
         mr.make_policies(tiny_llm.model, tokens, 512, llm, positions=("absolute",))
 
 
+def test_distance_caps_add_capped_streaming_dialogue_rows(tiny_llm, tokens) -> None:
+    llm = StreamingLLMConfig(sink_tokens=1, window=32)
+    policies = mr.make_policies(tiny_llm.model, tokens, 512, llm, trained=[("", tiny_llm.model)],
+                                positions=("distance",), distance_caps=(24,))
+    assert [p.label for p in policies][4:] == ["streaming-dialogue untrained (distance pos, cap 24)",
+                                               "streaming-dialogue trained (distance pos, cap 24)"]
+    encoded = tokens.dialogue(mr.build_dialogue(2, (1, 6)).utterances)
+    capped, uncapped = _fed(policies[4], encoded).cache, _fed(policies[2], encoded).cache
+    seen = sum(map(len, encoded))
+    assert seen > 48 and capped.kept_positions == uncapped.kept_positions  # the same entries are kept
+    assert min(uncapped.rope_positions) < seen - 24  # uncapped, the oldest keys sit at their true distance
+    assert min(capped.rope_positions) >= seen - 24  # capped, none sits further back than the cap
+
+
 def test_end_to_end_on_the_tiny_model(tiny_llm, tokens) -> None:
     config = mr.BenchConfig(distances=(1, 3), trials=2, turns=(2, 5), held_back=1, repeats=1, reply_tokens=2,
                             sink_tokens=1, window=32)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 
 from benchmarks import recall_transfer as rt
-from benchmarks.memory_recall import _FILLER, FACT_TYPES
+from benchmarks.memory_recall import _FILLER, _OPENERS, CANDIDATES, FACT_TYPES
 
 TRAINED = rt.fact_types("sister,locker,city")
 
@@ -64,3 +65,33 @@ def test_reply_losses_score_every_view_on_the_tiny_model(tiny_llm) -> None:
     assert list(losses) == ["sinks", "hidden", "dense"]
     assert all(0 < loss < 20 for loss in losses.values())
     assert losses["sinks"] != losses["hidden"]  # the views differ: hiding the sinks changes what is seen
+
+
+def test_training_only_types_are_new_and_give_every_question_one_answer() -> None:
+    kinds = [*FACT_TYPES, *rt.TRAINING_ONLY_TYPES]
+    for field in ("key", "statement", "question"):
+        assert len({getattr(k, field) for k in kinds}) == len(kinds)
+    words = set(re.findall(r"[\w']+", " ".join([*_FILLER, *_OPENERS]).lower()))
+    for kind in rt.TRAINING_ONLY_TYPES:
+        assert len(set(kind.values)) >= CANDIDATES and "{}" in kind.statement
+        assert not {v.lower() for v in kind.values} & words  # no filler utterance names a value
+    # Training never teaches a value the probe scores (bus and daughter share a few numbers: each
+    # question still has one answer, its own type's).
+    assert not {v for k in rt.TRAINING_ONLY_TYPES for v in k.values} & {v for k in FACT_TYPES for v in k.values}
+
+
+def test_max_gap_and_facts_shape_the_dialogue() -> None:
+    rng = random.Random(3)
+    kinds = TRAINED + rt.TRAINING_ONLY_TYPES
+    gaps = []
+    for _ in range(40):
+        dialogue = rt.training_dialogue(rng, kinds, facts=4, fillers=(30, 32), max_gap=28)
+        asked = [i for i, u in enumerate(dialogue) if u in {k.question for k in kinds}]
+        assert len(asked) == 4 and len(dialogue) in {30 + 8, 31 + 8, 32 + 8}
+        for i in asked:
+            kind = next(k for k in kinds if k.question == dialogue[i])
+            stated = next(j for j, u in enumerate(dialogue) if u.startswith(kind.statement.split("{}")[0])
+                          and (j == 0 or dialogue[j - 1] != kind.question))
+            gaps.append(i - stated)
+    assert max(gaps) > rt.MAX_GAP + 2 * 4  # further than the default can put any question
+    assert all(1 <= g <= 28 + 2 * 4 for g in gaps)
