@@ -2,8 +2,9 @@
 
     PYTHONPATH=. python benchmarks/recall_transfer.py [--model embedded] [--device cpu]
         [--train-types sister,locker,city,pet,colour] [--dialogues 600] [--lr 5e-4]
-        [--modules q_proj,v_proj] [--out adapters/recall-transfer | --adapter DIR]
-        [--distances 1,10,30,100] [--trials 16]
+        [--modules q_proj,v_proj] [--out adapters/recall-transfer | --adapter DIR] [--start-from DIR]
+        [--loss-on all|replies] [--fillers 12,24] [--facts 3] [--max-gap 12] [--more-types] [--max-tokens 512]
+        [--distances 1,10,30,100] [--trials 16] [--distance-caps 160,384] [--halves trained,held-out]
 
 ``sink_probe.py`` finds the recall benchmark's facts linearly decodable from the values their
 EoU sinks leave in the cache, even untrained, and the fact type from their keys; yet through
@@ -24,7 +25,11 @@ and with the whole history in view, for the untrained and the trained model. If 
 the answers nothing on the very kind of dialogue trained on, no recall gain can be expected.
 
 With ``--adapter`` an adapter trained before is measured instead of training a new one;
-``--no-recall`` stops after the answer losses.
+``--no-recall`` stops after the answer losses. ``--more-types`` adds ``TRAINING_ONLY_TYPES``
+to the training, never to the probe; ``--max-gap`` sets how far after its fact a training
+question may come. ``--distance-caps`` adds StreamingDialogue rows under the distance rule
+capped at each value (every key kept at most that far back), so that a model trained on short
+sequences reads old sinks only at distances it was trained on.
 """
 
 from __future__ import annotations
