@@ -34,7 +34,7 @@ import torch
 from personalign.errors import UserError
 from personalign.generation import prefill
 from personalign.memory_cache import MemoryCache, Positions, close_turn
-from personalign.models import LoadedModel
+from personalign.models import LoadedModel, read_adapter_metadata
 from personalign.streaming_dialogue import StreamingDialogueCache
 from personalign.streaming_llm import StreamingLLMCache
 
@@ -115,9 +115,35 @@ def dense_meter(loaded: LoadedModel, tokens: int) -> MemoryMeter:
 TURN_RESERVE = 1024
 
 
-def memory_positions(rule: str, model: Any, context: int) -> Positions:
-    """The position rule ``rule`` for ``model``; the distance rule capped to fit ``context``."""
-    cap = context - min(TURN_RESERVE, context // 4) if rule == "distance" else None
+def memory_reach(loaded: LoadedModel) -> int | None:
+    """How far back, in tokens, the loaded memory adapter's sinks were trained to be read.
+
+    That is its longest training sequence (``train-memory`` records it; adapters trained before
+    that record their ``max_tokens``, which their runs were packed up to). None without a memory
+    adapter: the untrained sinks read no better at any distance (benchmarks/RESULTS.md).
+    """
+    if loaded.adapter is None:
+        return None
+    meta = read_adapter_metadata(loaded.adapter)
+    reach = meta.get("longest_sequence") or meta.get("max_tokens")
+    if meta.get("purpose") != "memory" or not isinstance(reach, int) or isinstance(reach, bool) or reach < 8:
+        return None
+    return reach
+
+
+def memory_positions(rule: str, model: Any, context: int, reach: int | None = None) -> Positions:
+    """The position rule ``rule`` for ``model``; the distance rule capped to fit ``context``.
+
+    With ``reach`` (``memory_reach``) the distance rule is capped at half of it instead, when
+    that is nearer: a sink older than the cap is re-rotated to between a quarter and a half of
+    the reach back, where the adapter was trained to read it. Left at its true distance, beyond
+    anything trained, the trained sinks answered no better than untrained ones.
+    """
+    if rule != "distance":
+        return Positions.for_model(rule, model)
+    cap = context - min(TURN_RESERVE, context // 4)
+    if reach is not None:
+        cap = min(cap, max(2, reach // 2))
     return Positions.for_model(rule, model, max_distance=cap)
 
 
@@ -125,15 +151,17 @@ def new_cache(policy: MemoryPolicy, loaded: LoadedModel) -> MemoryCache:
     """An empty compressing cache for a streaming policy, under the position rule that policy reads best.
 
     StreamingDialogue: the distance rule (every kept key at its true distance, capped at the
-    context). It is exactly what ``train-memory`` trains the sinks under, and held-back
-    perplexity at 100 utterances was 56 against 176 under the slot rule untrained, 45 against
-    84 with a trained adapter (benchmarks/RESULTS.md). StreamingLLM: the slot rule, its
+    context, or at half a memory adapter's reach: ``memory_positions``). It is exactly what
+    ``train-memory`` trains the sinks under, and held-back perplexity at 100 utterances was 56
+    against 176 under the slot rule untrained, 45 against 84 with a trained adapter
+    (benchmarks/RESULTS.md). StreamingLLM: the slot rule, its
     paper's (kept keys re-rotated to 0..K-1), whose perplexity matched dense (6.8 against 5.2)
     while the reference code's rule reached 162.
     """
     if policy is MemoryPolicy.STREAMING_DIALOGUE:
         return StreamingDialogueCache(loaded.eou_token_id, loaded.tokenizer.bos_token_id,
-                                      positions=memory_positions("distance", loaded.model, loaded.context_length))
+                                      positions=memory_positions("distance", loaded.model, loaded.context_length,
+                                                                 memory_reach(loaded)))
     if policy is MemoryPolicy.STREAMING_LLM:
         return StreamingLLMCache(positions=memory_positions("slot", loaded.model, loaded.context_length))
     raise ValueError(f"{policy.value} memory keeps no cache between turns")

@@ -787,6 +787,8 @@ def train_memory(loaded: LoadedModel, samples_source: str | Path | Sequence[Sequ
             "probe_loss_before": round(probe_before, 6), "probe_loss_after": round(probe_after, 6),
             "lr": config.lr, "epochs": config.epochs, "max_tokens": config.max_tokens, "seed": config.seed,
             "loss_on": config.loss_on,
+            # How far back a query read a sink in training: memory.memory_reach caps the cache with it.
+            "longest_sequence": max((len(s) for train, _ in stages for s in train), default=0),
             "data": data, "continued_from": earlier,
         })
     logger.info("memory training done: %d steps in %.1f s, loss %.4f -> %.4f", len(losses), seconds, losses[0],

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import torch
 
@@ -16,8 +19,11 @@ from personalign.memory import (
     dense_meter,
     kv_bytes_per_token,
     memory_positions,
+    memory_reach,
+    new_cache,
     replay,
 )
+from personalign.models import ADAPTER_METADATA
 from personalign.streaming_dialogue import kept_indices
 
 GREEDY = GenerationConfig(max_new_tokens=8, temperature=0)
@@ -177,6 +183,38 @@ def test_app_memories_place_streaming_dialogue_at_true_distances_and_streaming_l
     assert dialogue.position_offset == dialogue.tokens_seen - len(dialogue.cached_tokens) > 0
     window = _replayed(tiny_llm, TURNS, MemoryPolicy.STREAMING_LLM).cache
     assert window.rope_positions == list(range(len(window.cached_tokens))) and window.position_offset == 0
+
+
+def _with_adapter_metadata(llm, folder, meta):
+    folder.mkdir(exist_ok=True)
+    (folder / ADAPTER_METADATA).write_text(json.dumps(meta))
+    return dataclasses.replace(llm, adapter=folder)
+
+
+def test_a_memory_adapter_caps_the_distance_rule_at_half_its_reach(tiny_llm, tmp_path) -> None:
+    context_cap = tiny_llm.context_length - min(TURN_RESERVE, tiny_llm.context_length // 4)
+    assert memory_reach(tiny_llm) is None  # no adapter: keys at their true distance up to the context
+    adapted = _with_adapter_metadata(tiny_llm, tmp_path / "a", {"purpose": "memory", "longest_sequence": 80,
+                                                                "max_tokens": 512})
+    assert memory_reach(adapted) == 80
+    cache = new_cache(MemoryPolicy.STREAMING_DIALOGUE, adapted)
+    assert (cache.positions.rule, cache.positions.max_distance) == ("distance", 40)
+    assert new_cache(MemoryPolicy.STREAMING_LLM, adapted).positions.max_distance is None  # slots need no cap
+    # Adapters trained before the record: their runs were packed up to max_tokens.
+    older = _with_adapter_metadata(tiny_llm, tmp_path / "b", {"purpose": "memory", "max_tokens": 192})
+    assert memory_reach(older) == 192
+    for meta in ({"purpose": "preference", "longest_sequence": 80}, {}, {"purpose": "memory", "max_tokens": "x"}):
+        assert memory_reach(_with_adapter_metadata(tiny_llm, tmp_path / "c", meta)) is None
+    # The cap never exceeds what the context allows.
+    assert memory_positions("distance", tiny_llm.model, tiny_llm.context_length, 10**9).max_distance == context_cap
+
+
+def test_keys_of_a_capped_memory_sit_no_further_back_than_the_cap(tiny_llm, tmp_path) -> None:
+    adapted = _with_adapter_metadata(tiny_llm, tmp_path / "a", {"purpose": "memory", "longest_sequence": 40})
+    memory = _replayed(adapted, TURNS)
+    cache = memory.cache
+    assert cache.tokens_seen > 20 and cache.kept_positions == _replayed(tiny_llm, TURNS).cache.kept_positions
+    assert min(cache.rope_positions) >= cache.tokens_seen - 20 > min(cache.kept_positions)
 
 
 def test_a_memory_saved_under_another_position_rule_is_not_loaded(tiny_llm, tmp_path) -> None:

@@ -475,6 +475,8 @@ def test_adapter_folder_and_metadata(trained) -> None:
     assert meta["base_model"] == loaded.name and meta["method"] == "both" and meta["steps"] == FAST.max_steps
     assert (meta["eou_token_id"], meta["bos_token_id"]) == (EOU, BOS)
     assert meta["final_loss"] == pytest.approx(report.last_loss, abs=1e-5) and meta["date"]
+    # Runs are packed up to max_tokens, so the longest trained sequence comes near it.
+    assert FAST.max_tokens // 2 < meta["longest_sequence"] <= FAST.max_tokens
     config = json.loads((report.out_dir / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == ["q_proj", "v_proj"] and config["r"] == FAST.rank
 
