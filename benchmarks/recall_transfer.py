@@ -230,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--distances", type=_ints, default=(1, 10, 30, 100))
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--reply-dialogues", type=int, default=60,
-                        help="held-out training-kind dialogues whose replies are scored")
+                        help="held-out training-kind dialogues whose replies are scored (0: none)")
     parser.add_argument("--no-recall", dest="recall", action="store_false",
                         help="score the replies only, not the recall probe")
     parser.add_argument("--seed", type=int, default=0)
@@ -277,9 +277,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     trained = load_model(ModelConfig(model=args.model, device=args.device, quantize="none", adapter=adapter))
     # Held-out dialogues of the training kind (another seed): do the sinks give its answers anything?
     unseen = training_dialogues(args.reply_dialogues, taught, args.seed + 1, args.fillers, args.facts, args.max_gap)
-    print(f"\nloss per reply token on {len(unseen)} held-out training-kind dialogues (sinks / hidden / dense, "
-          "carried = hidden - sinks)")
-    for name, loaded in (("untrained", base), (adapter.name, trained)):
+    if unseen:
+        print(f"\nloss per reply token on {len(unseen)} held-out training-kind dialogues (sinks / hidden / dense, "
+              "carried = hidden - sinks)")
+    for name, loaded in (("untrained", base), (adapter.name, trained)) if unseen else ():
         cells = reply_losses(loaded, unseen, args.max_tokens)
         print(f"| {name} | {cells['sinks']:.3f} / {cells['hidden']:.3f} / {cells['dense']:.3f} | "
               f"{cells['hidden'] - cells['sinks']:+.3f} |", flush=True)
