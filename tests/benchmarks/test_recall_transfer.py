@@ -95,3 +95,20 @@ def test_max_gap_and_facts_shape_the_dialogue() -> None:
             gaps.append(i - stated)
     assert max(gaps) > rt.MAX_GAP + 2 * 4  # further than the default can put any question
     assert all(1 <= g <= 28 + 2 * 4 for g in gaps)
+
+
+def test_each_trained_row_is_paired_against_streaming_llm_and_its_own_untrained_row() -> None:
+    right, wrong = [True, True], [False, False]
+    hits = {"dense": {1: right}, "streaming-llm 4+256 (distance pos)": {1: wrong},
+            "streaming-dialogue untrained (distance pos)": {1: wrong},
+            "streaming-dialogue trained (distance pos)": {1: right},
+            "streaming-dialogue untrained (distance pos, cap 64)": {1: right},
+            "streaming-dialogue trained (distance pos, cap 64)": {1: right}}
+    paired_lines = [line for line in rt._report("t", hits, (1,)).splitlines() if "paired" in line]
+    assert paired_lines == [
+        "| trained (distance pos) vs streaming-llm 4+256 (distance pos), paired | +2/-0 (p 0.50) |",
+        "| trained (distance pos) vs streaming-dialogue untrained (distance pos), paired | +2/-0 (p 0.50) |",
+        "| trained (distance pos, cap 64) vs streaming-llm 4+256 (distance pos), paired | +2/-0 (p 0.50) |",
+        ("| trained (distance pos, cap 64) vs streaming-dialogue untrained (distance pos, cap 64), paired "
+         "| +0/-0 (p 1.00) |"),
+    ]
