@@ -454,6 +454,7 @@ def make_policies(base: Any, tokens: Tokens, context: int, llm: StreamingLLMConf
     ``distance_caps`` adds streaming-dialogue rows under the distance rule capped there rather
     than at the context: every key then sits at most that far back, whatever the dialogue's
     length, so a model trained on sequences that long reads only distances it was trained on.
+    (The app caps the distance rule at half a loaded memory adapter's reach: ``memory_reach``.)
     """
     if not positions or any(rule not in POSITION_RULES for rule in positions):
         raise ValueError(f"positions must be some of {POSITION_RULES}; got {positions!r}")
@@ -464,7 +465,7 @@ def make_policies(base: Any, tokens: Tokens, context: int, llm: StreamingLLMConf
         (" untrained", base), *((f" trained {name}".rstrip(), model) for name, model in trained)]
     for rule in positions:
         tag = f"{rule} pos"
-        rope = memory_positions(rule, base, context)  # as the app builds them
+        rope = memory_positions(rule, base, context)  # as the app builds them with no adapter
         policies.append(_cache_policy(f"streaming-llm {llm.sink_tokens}+{llm.window} ({tag})", base,
                                       lambda r=rope: StreamingLLMCache(llm, positions=r), eou))
         for name, model in models:

@@ -136,8 +136,9 @@ def memory_positions(rule: str, model: Any, context: int, reach: int | None = No
 
     With ``reach`` (``memory_reach``) the distance rule is capped at half of it instead, when
     that is nearer: a sink older than the cap is re-rotated to between a quarter and a half of
-    the reach back, where the adapter was trained to read it. Left at its true distance, beyond
-    anything trained, the trained sinks answered no better than untrained ones.
+    the reach back, where the adapter was trained to read it. At true distances beyond any it
+    was trained on, an adapter trained on short dialogues answered no better than untrained
+    sinks; capped, it answered most (benchmarks/RESULTS.md, "Reading far").
     """
     if rule != "distance":
         return Positions.for_model(rule, model)
