@@ -463,19 +463,18 @@ def make_policies(base: Any, tokens: Tokens, context: int, llm: StreamingLLMConf
     policies = [Policy("dense", lambda: DenseMemory("dense", base, context, bos, per_token))]
     models = [("", base)] if not trained else [
         (" untrained", base), *((f" trained {name}".rstrip(), model) for name, model in trained)]
+    def dialogue_rows(tag: str, rope: Positions) -> list[Policy]:
+        return [_cache_policy(f"streaming-dialogue{name} ({tag})", model,
+                              lambda: StreamingDialogueCache(eou, bos, positions=rope), eou) for name, model in models]
+
     for rule in positions:
         tag = f"{rule} pos"
         rope = memory_positions(rule, base, context)  # as the app builds them with no adapter
         policies.append(_cache_policy(f"streaming-llm {llm.sink_tokens}+{llm.window} ({tag})", base,
                                       lambda r=rope: StreamingLLMCache(llm, positions=r), eou))
-        for name, model in models:
-            policies.append(_cache_policy(f"streaming-dialogue{name} ({tag})", model,
-                                          lambda r=rope: StreamingDialogueCache(eou, bos, positions=r), eou))
+        policies += dialogue_rows(tag, rope)
     for cap in distance_caps:
-        rope = Positions.for_model("distance", base, max_distance=cap)
-        for name, model in models:
-            policies.append(_cache_policy(f"streaming-dialogue{name} (distance pos, cap {cap})", model,
-                                          lambda r=rope: StreamingDialogueCache(eou, bos, positions=r), eou))
+        policies += dialogue_rows(f"distance pos, cap {cap}", Positions.for_model("distance", base, max_distance=cap))
     return policies
 
 

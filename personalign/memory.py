@@ -34,7 +34,7 @@ import torch
 from personalign.errors import UserError
 from personalign.generation import prefill
 from personalign.memory_cache import MemoryCache, Positions, close_turn
-from personalign.models import LoadedModel, read_adapter_metadata
+from personalign.models import LoadedModel
 from personalign.streaming_dialogue import StreamingDialogueCache
 from personalign.streaming_llm import StreamingLLMCache
 
@@ -122,9 +122,7 @@ def memory_reach(loaded: LoadedModel) -> int | None:
     that record their ``max_tokens``, which their runs were packed up to). None without a memory
     adapter: the untrained sinks read no better at any distance (benchmarks/RESULTS.md).
     """
-    if loaded.adapter is None:
-        return None
-    meta = read_adapter_metadata(loaded.adapter)
+    meta = loaded.adapter_metadata
     reach = meta.get("longest_sequence") or meta.get("max_tokens")
     if meta.get("purpose") != "memory" or not isinstance(reach, int) or isinstance(reach, bool) or reach < 8:
         return None

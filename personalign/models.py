@@ -108,6 +108,8 @@ class LoadedModel:
     stop_token_ids: frozenset[int]
     load_seconds: float
     adapter: Path | None = None  # the LoRA folder applied on top of the base, if any
+    # Its ADAPTER_METADATA, read once at load ({} without one): what it was trained for and how.
+    adapter_metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_parts(
@@ -372,7 +374,9 @@ def apply_adapter(loaded: LoadedModel, path: Path | str) -> LoadedModel:
     """
     from peft import PeftModel
 
-    path = check_adapter_fits(loaded, path)
+    path = check_adapter_folder(path)
+    meta = read_adapter_metadata(path)
+    _check_adapter_base(path, meta, loaded)
     try:
         with warnings.catch_warnings():  # peft probes a deprecated transformers property on every wrap
             warnings.simplefilter("ignore", FutureWarning)
@@ -382,4 +386,4 @@ def apply_adapter(loaded: LoadedModel, path: Path | str) -> LoadedModel:
     if loaded.quantization == "none":
         model = model.merge_and_unload()
     logger.info("Applied adapter %s (%s)", path, "merged" if loaded.quantization == "none" else "unmerged")
-    return dataclasses.replace(loaded, model=model.eval(), adapter=path)
+    return dataclasses.replace(loaded, model=model.eval(), adapter=path, adapter_metadata=meta)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import pytest
 import torch
@@ -23,7 +22,6 @@ from personalign.memory import (
     new_cache,
     replay,
 )
-from personalign.models import ADAPTER_METADATA
 from personalign.streaming_dialogue import kept_indices
 
 GREEDY = GenerationConfig(max_new_tokens=8, temperature=0)
@@ -186,9 +184,7 @@ def test_app_memories_place_streaming_dialogue_at_true_distances_and_streaming_l
 
 
 def _with_adapter_metadata(llm, folder, meta):
-    folder.mkdir(exist_ok=True)
-    (folder / ADAPTER_METADATA).write_text(json.dumps(meta))
-    return dataclasses.replace(llm, adapter=folder)
+    return dataclasses.replace(llm, adapter=folder, adapter_metadata=meta)  # as apply_adapter leaves it
 
 
 def test_a_memory_adapter_caps_the_distance_rule_at_half_its_reach(tiny_llm, tmp_path) -> None:

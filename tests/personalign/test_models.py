@@ -156,6 +156,7 @@ def test_adapter_is_merged_on_an_unquantized_base(tiny_folder, tiny_llm, tmp_pat
     adapter = _save_adapter(base.model, tmp_path / "adapter", _meta(base))
     loaded = load_model(ModelConfig(model=str(tiny_folder), adapter=adapter))
     assert loaded.adapter == adapter and type(loaded.model) is type(base.model)  # merged: a plain model again
+    assert loaded.adapter_metadata == _meta(base) and base.adapter_metadata == {}  # read once, at load
     assert not any("lora" in name for name, _ in loaded.model.named_modules())
     ids = torch.tensor([[1, 80, 81, 82, 2, 1, 83]])
     with torch.no_grad():
