@@ -66,6 +66,7 @@ from personalign.generation import (
 )
 from personalign.memory import kv_bytes_per_token, memory_positions
 from personalign.memory_cache import POSITION_RULES, Positions
+from personalign.recall_dialogues import FactType, filler_utterance
 from personalign.streaming_dialogue import StreamingDialogueCache
 from personalign.streaming_llm import StreamingLLMCache, StreamingLLMConfig
 
@@ -79,17 +80,8 @@ DENSE_RESERVE = 128  # tokens the dense window leaves free for the new turn and 
 # --- synthetic dialogues (pure) -----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class FactType:
-    """One kind of fact: how it is stated, asked and answered, and the values it can take."""
-
-    key: str
-    statement: str  # "My sister's name is {}."
-    question: str
-    answer: str  # answer opener; the value follows after a space
-    values: tuple[str, ...]
-
-
+# The ten fact types probed. Training on them (``recall_transfer.py``) is a per-type experiment; the
+# built-in recall source (``recall_dialogues.TRAINING_FACTS``) never states them.
 FACT_TYPES: tuple[FactType, ...] = (
     FactType("sister", "My sister's name is {}.", "What is my sister's name?", "Your sister's name is",
              ("Clara", "Maria", "Sofia", "Helen", "Grace", "Alice", "Laura", "Emma", "Julia", "Nina")),
@@ -112,70 +104,6 @@ FACT_TYPES: tuple[FactType, ...] = (
     FactType("room", "My hotel room number is {}.", "What is my hotel room number?", "Your hotel room number is",
              ("214", "508", "731", "126", "943", "352", "687", "409", "865", "573")),
 )
-
-# Small talk that names no fact value and touches no fact's topic, so a question has one answer.
-_FILLER = (
-    "The weather has been lovely all week.",
-    "I finally finished that book about the ocean.",
-    "My neighbour planted tomatoes in the garden.",
-    "I made soup for lunch today.",
-    "The train was late again this morning.",
-    "Have you seen the film everyone is talking about?",
-    "I think it might rain later this afternoon.",
-    "The park was full of people enjoying the sun.",
-    "I need to buy some milk and bread on the way home.",
-    "We watched the stars from the hill last night.",
-    "The coffee at the station is surprisingly good.",
-    "I spent the evening fixing the kitchen shelf.",
-    "My phone battery keeps running out too quickly.",
-    "The museum has a new exhibition about old maps.",
-    "I tried to bake a cake but it fell apart.",
-    "The cat next door keeps sitting on our fence.",
-    "There was a long queue at the post office.",
-    "I have been learning to cook rice properly.",
-    "The river looked beautiful in the morning light.",
-    "I lost my umbrella somewhere in town.",
-    "The market sells fresh fish on weekends.",
-    "I slept really well last night for a change.",
-    "Someone left a bicycle outside the library.",
-    "The soup was a bit too salty for me.",
-    "I walked along the beach and collected shells.",
-    "The new bridge over the river is almost finished.",
-    "My plants are growing faster than I expected.",
-    "I read an article about bees yesterday.",
-    "We had pancakes with honey for breakfast.",
-    "The wind knocked over the bins last night.",
-    "I want to visit the mountains next summer.",
-    "The shop ran out of croissants early.",
-    "I have been sneezing all day because of the pollen.",
-    "There is a funny noise coming from the fridge.",
-    "I finally cleaned out the garage.",
-    "The library extended its opening hours.",
-    "My shoes got soaked in the puddles.",
-    "We stayed up playing cards until midnight.",
-    "The apples from the orchard are very sweet.",
-    "I forgot to water the herbs on the balcony.",
-    "The tea shop downstairs has new cups.",
-    "A storm is expected at the weekend.",
-    "I watched a documentary about whales.",
-    "The printer jammed again this afternoon.",
-    "That recipe needs more garlic.",
-    "I have a mild headache this evening.",
-    "We saw a rainbow over the fields.",
-    "The streets were quiet after the holiday.",
-    "I should really answer my emails.",
-    "The lake froze over for the first time in years.",
-)
-_OPENERS = ("", "", "Honestly, ", "By the way, ", "Anyway, ", "Oh, ", "You know, ", "Well, ")
-
-
-def filler_utterance(rng: random.Random) -> str:
-    """One small-talk utterance, drawn with ``rng``."""
-    opener, clause = rng.choice(_OPENERS), rng.choice(_FILLER)
-    if opener and not clause.startswith("I "):
-        clause = clause[0].lower() + clause[1:]
-    return opener + clause
-
 
 @dataclass(frozen=True)
 class Probe:

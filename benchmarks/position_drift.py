@@ -22,9 +22,10 @@ from typing import Any
 
 import torch
 
-from benchmarks.memory_recall import Tokens, filler_utterance
+from benchmarks.memory_recall import Tokens
 from personalign.generation import new_cache, prefill
 from personalign.memory_cache import Positions
+from personalign.recall_dialogues import filler_utterance
 from personalign.streaming_dialogue import StreamingDialogueCache
 
 logger = logging.getLogger("position_drift")

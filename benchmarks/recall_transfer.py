@@ -1,7 +1,7 @@
 """Can the sinks learn to be read? Train on recall-shaped dialogues of some fact types, test on the rest.
 
     PYTHONPATH=. python benchmarks/recall_transfer.py [--model embedded] [--device cpu]
-        [--train-types sister,locker,city,pet,colour] [--dialogues 600] [--lr 5e-4]
+        [--train-types sister,locker,city,pet,colour | none] [--dialogues 600] [--lr 5e-4]
         [--modules q_proj,v_proj] [--out adapters/recall-transfer | --adapter DIR] [--start-from DIR]
         [--loss-on all|replies] [--fillers 12,24] [--facts 3] [--max-gap 12] [--more-types] [--max-tokens 512]
         [--distances 1,10,30,100] [--trials 16] [--distance-caps 160,384] [--halves trained,held-out]
@@ -25,8 +25,8 @@ and with the whole history in view, for the untrained and the trained model. If 
 the answers nothing on the very kind of dialogue trained on, no recall gain can be expected.
 
 With ``--adapter`` an adapter trained before is measured instead of training a new one;
-``--no-recall`` stops after the answer losses. ``--more-types`` adds ``TRAINING_ONLY_TYPES``
-to the training, never to the probe; ``--max-gap`` sets how far after its fact a training
+``--no-recall`` stops after the answer losses. ``--more-types`` adds ``recall_dialogues.TRAINING_FACTS``
+(the built-in recall source's types) to the training, never to the probe; ``--max-gap`` sets how far after its fact a training
 question may come. ``--distance-caps`` adds StreamingDialogue rows under the distance rule
 capped at each value (every key kept at most that far back), so that a model trained on short
 sequences reads old sinks only at distances it was trained on.
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,103 +45,33 @@ import torch
 
 from benchmarks.memory_recall import (
     FACT_TYPES,
-    FactType,
     Tokens,
     _ints,
-    filler_utterance,
     make_policies,
     run_recall,
+)
+from personalign.recall_dialogues import (
+    NEAR,
+    TRAINING_FACTS,
+    FactType,
+    RecallShape,
+    recall_dialogues,
 )
 from personalign.streaming_llm import StreamingLLMConfig
 
 logger = logging.getLogger("recall_transfer")
 
-TRAIN_SEED = 7_000_003  # training dialogues come from their own stream, apart from the probes' seeds
-MAX_GAP = 12  # a question comes 1..MAX_GAP utterances after its fact, so a dialogue fits 512 tokens
-FILLERS = (12, 24)  # utterances of a training dialogue before its questions go in
-
-# Fact types only ever trained on, never probed (``--more-types``): with them every one of the
-# probe's ten types can be held out while the training still sees many ways a fact is stated.
-# Like the probe's, none touches a topic of the filler pool or of another type.
-TRAINING_ONLY_TYPES: tuple[FactType, ...] = (
-    FactType("brother", "My brother's name is {}.", "What is my brother's name?", "Your brother's name is",
-             ("Tom", "Leo", "Sam", "Oscar", "Felix", "Hugo", "Ben", "Adam", "Jack", "Noah")),
-    FactType("flight", "My flight number is {}.", "What is my flight number?", "Your flight number is",
-             ("BA217", "LH904", "AF332", "KL618", "IB275", "SK561", "AY143", "OS786", "TP490", "EI827")),
-    FactType("sport", "I play {} on weekends.", "Which sport do I play on weekends?", "You play",
-             ("tennis", "football", "golf", "hockey", "rugby", "cricket", "volleyball", "badminton", "squash",
-              "baseball")),
-    FactType("birthday", "My birthday is in {}.", "When is my birthday?", "Your birthday is in",
-             ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October")),
-    FactType("food", "My favourite food is {}.", "What is my favourite food?", "Your favourite food is",
-             ("pizza", "sushi", "pasta", "curry", "tacos", "paella", "ramen", "lasagne", "risotto", "dumplings")),
-    FactType("language", "I am learning {}.", "Which language am I learning?", "You are learning",
-             ("German", "Spanish", "Italian", "Japanese", "Korean", "Arabic", "Polish", "Greek", "Turkish", "Dutch")),
-    FactType("street", "I live on {}.", "Which street do I live on?", "You live on",
-             ("Oak Lane", "Mill Road", "Church Street", "Park Avenue", "High Street", "Elm Close", "Station Road",
-              "King Street", "Queens Drive", "Bridge Lane")),
-    FactType("doctor", "My doctor is called Dr {}.", "What is my doctor called?", "Your doctor is called Dr",
-             ("Patel", "Smith", "Jones", "Khan", "Novak", "Rossi", "Meyer", "Silva", "Kowalski", "Dubois")),
-    FactType("trip", "Next year I am travelling to {}.", "Where am I travelling next year?", "You are travelling to",
-             ("Japan", "Peru", "Kenya", "Canada", "Norway", "Brazil", "India", "Egypt", "Mexico", "Iceland")),
-    FactType("wifi", "The wifi password is {}.", "What is the wifi password?", "The wifi password is",
-             ("falcon", "maple", "copper", "velvet", "harbour", "quartz", "meadow", "tiger", "cobalt", "jasmine")),
-    FactType("bus", "I take the number {} bus to work.", "Which bus do I take to work?", "You take the number",
-             ("12", "45", "7", "88", "23", "31", "56", "9", "74", "19")),
-    FactType("daughter", "My daughter is {} years old.", "How old is my daughter?", "Your daughter is",
-             ("4", "6", "7", "9", "11", "13", "15", "8", "10", "12")),
-    FactType("subject", "I teach {} at the school.", "What subject do I teach?", "You teach",
-             ("history", "maths", "biology", "chemistry", "physics", "geography", "music", "art", "drama",
-              "economics")),
-    FactType("floor", "I live on the {} floor.", "Which floor do I live on?", "You live on the",
-             ("second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth", "eleventh")),
-    FactType("allergy", "I am allergic to {}.", "What am I allergic to?", "You are allergic to",
-             ("peanuts", "shellfish", "penicillin", "wheat", "eggs", "latex", "soy", "dust", "wasps", "sesame")),
-    FactType("wife", "My wife's name is {}.", "What is my wife's name?", "Your wife's name is",
-             ("Anna", "Rachel", "Sarah", "Olivia", "Chloe", "Megan", "Hannah", "Lucy", "Zoe", "Ruth")),
-    FactType("seat", "My seat number is {}.", "What is my seat number?", "Your seat number is",
-             ("14A", "22C", "7F", "31B", "18D", "3E", "26A", "11C", "9B", "40F")),
-    FactType("boss", "My boss is called {}.", "What is my boss called?", "Your boss is called",
-             ("Harris", "Walker", "Turner", "Hughes", "Lewis", "Carter", "Morgan", "Evans", "Wright", "Parker")),
-)
-
 
 def fact_types(names: str) -> tuple[FactType, ...]:
-    """The ``FACT_TYPES`` named in the comma list ``names``, in the order given."""
+    """The ``FACT_TYPES`` named in the comma list ``names``, in the order given; ``none``: no type."""
+    if names.strip() == "none":  # every probe type held out: the built-in recall source's own setting
+        return ()
     by_key = {kind.key: kind for kind in FACT_TYPES}
     keys = [n.strip() for n in names.split(",") if n.strip()]
     unknown = [k for k in keys if k not in by_key]
     if not keys or unknown or len(set(keys)) != len(keys):
         raise ValueError(f"fact types must be distinct names of {', '.join(by_key)}; got {names!r}")
     return tuple(by_key[k] for k in keys)
-
-
-def training_dialogue(rng: random.Random, kinds: Sequence[FactType], facts: int = 3,
-                      fillers: tuple[int, int] = FILLERS, max_gap: int = MAX_GAP) -> tuple[str, ...]:
-    """``fillers`` (a range) small-talk utterances, ``facts`` of them replaced by statements of
-    different ``kinds``, each asked about and answered 1..``max_gap`` utterances after it was stated.
-
-    The answer is the probe's answer opener and the value, so what is learnt is exactly what the
-    probe scores. The answer comes after the question, so under the inference mask it sees the
-    statement only through its EoU (and through the question, when that follows it directly).
-    """
-    n = rng.randint(*fillers)
-    if n < facts + 1:
-        raise ValueError(f"a dialogue of {n} utterances cannot hold {facts} facts and a question after the last")
-    slots: list[tuple[float, str]] = [(float(i), filler_utterance(rng)) for i in range(n)]
-    chosen = rng.sample(list(kinds), min(facts, len(kinds)))
-    for i, (kind, at) in enumerate(zip(chosen, rng.sample(range(n - 1), len(chosen)))):
-        value = rng.choice(kind.values)
-        slots[at] = (float(at), kind.statement.format(value))
-        asked = min(at + rng.randint(1, max_gap), n) - 0.5 + 0.1 * i  # after utterance at+gap-1, before the next
-        slots += [(asked, kind.question), (asked + 0.05, f"{kind.answer} {value}.")]
-    return tuple(text for _, text in sorted(slots, key=lambda slot: slot[0]))
-
-
-def training_dialogues(count: int, kinds: Sequence[FactType], seed: int = 0, fillers: tuple[int, int] = FILLERS,
-                       facts: int = 3, max_gap: int = MAX_GAP) -> list[tuple[str, ...]]:
-    rng = random.Random(TRAIN_SEED + seed)
-    return [training_dialogue(rng, kinds, facts, fillers, max_gap) for _ in range(count)]
 
 
 def paired(trained: Sequence[bool], other: Sequence[bool]) -> tuple[int, int]:
@@ -205,15 +134,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--train-types", default="sister,locker,city,pet,colour",
-                        help="fact types trained on (comma list); the others are held out")
+                        help="probe fact types trained on (comma list, or none); the others are held out")
     parser.add_argument("--dialogues", type=int, default=600)
-    parser.add_argument("--fillers", type=_ints, default=FILLERS,
+    parser.add_argument("--fillers", type=_ints, default=NEAR.fillers,
                         help="fewest,most utterances of a training dialogue before its questions go in")
-    parser.add_argument("--facts", type=int, default=3, help="facts stated, asked and answered per training dialogue")
-    parser.add_argument("--max-gap", type=int, default=MAX_GAP,
+    parser.add_argument("--facts", type=int, default=NEAR.facts, help="facts stated, asked and answered per training dialogue")
+    parser.add_argument("--max-gap", type=int, default=NEAR.max_gap,
                         help="a training question comes at most this many utterances after its fact")
     parser.add_argument("--more-types", action="store_true",
-                        help=f"train on the {len(TRAINING_ONLY_TYPES)} training-only fact types too")
+                        help=f"train on the {len(TRAINING_FACTS)} types of the built-in recall source too")
     parser.add_argument("--max-tokens", type=int, default=512, help="longest training sequence")
     parser.add_argument("--distance-caps", type=_ints, default=(),
                         help="also measure StreamingDialogue under the distance rule capped at each of these")
@@ -241,19 +170,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValueError as exc:
         parser.error(str(exc))
     held_out = tuple(kind for kind in FACT_TYPES if kind not in trained_kinds)
-    taught = trained_kinds + (TRAINING_ONLY_TYPES if args.more_types else ())
+    taught = trained_kinds + (TRAINING_FACTS if args.more_types else ())
+    if not taught:
+        parser.error("--train-types none trains on nothing without --more-types")
     if not 1 <= args.facts <= len(taught):
         parser.error(f"--facts is 1 to {len(taught)}, the fact types trained on")
-    if len(args.fillers) != 2 or not args.facts + 1 <= args.fillers[0] <= args.fillers[1]:
-        parser.error("--fillers takes two numbers, fewest,most, the fewest at least --facts + 1 (the facts and "
-                     "a question)")
-    if args.max_gap < 1:
-        parser.error("--max-gap is at least 1")
+    if len(args.fillers) != 2:
+        parser.error("--fillers takes two numbers, fewest,most")
+    try:
+        shape = RecallShape(tuple(args.fillers), args.facts, args.max_gap)
+    except ValueError as exc:
+        parser.error(str(exc))
     halves = [h.strip() for h in args.halves.split(",") if h.strip()]
     if not halves or not set(halves) <= {"trained", "held-out"}:
         parser.error("--halves is trained, held-out or both, comma-separated")
-    if len(args.distances) > min(len(trained_kinds), len(held_out)):
-        parser.error(f"at most {min(len(trained_kinds), len(held_out))} distances: one fact type of each half apiece")
+    asked = {"trained": (f"trained fact types ({', '.join(k.key for k in trained_kinds)})", trained_kinds),
+             "held-out": (f"held-out fact types ({', '.join(k.key for k in held_out)})", held_out)}
+    fewest = min(len(asked[half][1]) for half in halves)
+    if len(args.distances) > fewest:
+        parser.error(f"at most {fewest} distances: one fact type of each half asked about apiece")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -261,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     base = load_model(ModelConfig(model=args.model, device=args.device, quantize="none"))
     adapter = args.adapter
     if adapter is None:
-        dialogues = training_dialogues(args.dialogues, taught, args.seed, args.fillers, args.facts, args.max_gap)
+        dialogues = recall_dialogues(args.dialogues, args.seed, taught, shape)
         config = MemoryTrainingConfig(method="dialogue", lr=args.lr, seed=args.seed, max_steps=args.steps,
                                       loss_on=args.loss_on, max_tokens=args.max_tokens,
                                       modules=tuple(m.strip() for m in args.modules.split(",") if m.strip()))
@@ -276,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         adapter = args.out
     trained = load_model(ModelConfig(model=args.model, device=args.device, quantize="none", adapter=adapter))
     # Held-out dialogues of the training kind (another seed): do the sinks give its answers anything?
-    unseen = training_dialogues(args.reply_dialogues, taught, args.seed + 1, args.fillers, args.facts, args.max_gap)
+    unseen = recall_dialogues(args.reply_dialogues, args.seed + 1, taught, shape) if args.reply_dialogues else []
     if unseen:
         print(f"\nloss per reply token on {len(unseen)} held-out training-kind dialogues (sinks / hidden / dense, "
               "carried = hidden - sinks)")
@@ -289,8 +224,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     tokens = Tokens(base.tokenizer, base.eou_token_id, base.tokenizer.bos_token_id)
     policies = make_policies(base.model, tokens, Engine(base).max_context(), StreamingLLMConfig(4, 256),
                              [("", trained.model)], base.dtype, ("distance",), args.distance_caps)
-    asked = {"trained": (f"trained fact types ({', '.join(k.key for k in trained_kinds)})", trained_kinds),
-             "held-out": (f"held-out fact types ({', '.join(k.key for k in held_out)})", held_out)}
     for title, kinds in (asked[half] for half in halves):
         start = time.perf_counter()
         hits = run_recall(policies, tokens, args.distances, args.trials, args.seed, kinds)

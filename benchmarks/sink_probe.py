@@ -41,8 +41,9 @@ from typing import Any
 
 import torch
 
-from benchmarks.memory_recall import FACT_TYPES, FactType, filler_utterance
+from benchmarks.memory_recall import FACT_TYPES
 from personalign.memory_training import bos_token_id
+from personalign.recall_dialogues import FactType, filler_utterance
 
 logger = logging.getLogger("sink_probe")
 

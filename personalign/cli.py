@@ -22,6 +22,7 @@ from personalign.evaluation import MODES, PROFILE_SOURCES
 from personalign.generation import GenerationConfig
 from personalign.memory import MemoryPolicy
 from personalign.memory_training import (
+    BUILT_IN_SOURCES,
     LOSS_ON,
     METHODS,
     SYNTHETIC,
@@ -214,7 +215,7 @@ def cmd_train_memory(args: argparse.Namespace) -> int:
                                   samples=args.samples, seed=args.seed, batch_size=args.batch_size,
                                   max_tokens=args.max_tokens, epochs=args.epochs, loss_on=args.loss_on,
                                   modules=tuple(m.strip() for m in args.modules.split(",") if m.strip()))
-    source = SYNTHETIC if args.data == SYNTHETIC else Path(args.data)
+    source = args.data if args.data in BUILT_IN_SOURCES else Path(args.data)
     load_dialogues(source, config)  # read once before the model loads: a bad file fails in a second, not a minute
     if args.init is not None:
         check_adapter_folder(args.init)
@@ -319,8 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="train a StreamingDialogue SMR/LMR LoRA adapter so the EoU sinks hold the dialogue")
     add_model_arguments(train)
     train.add_argument("--data", required=True,
-                       help=f"'{SYNTHETIC}' (built-in dialogues), or a corpus: text with one utterance a line and a "
-                            'blank line between dialogues, or JSONL of {"dialogue": [...]}')
+                       help=f"'{SYNTHETIC}' (built-in two-person dialogues), 'recall-near' or 'recall-far' (built-in "
+                            "facts asked about 1-12 or 1-32 utterances later; train with --method dialogue --loss-on "
+                            "replies, near first, then far with --init), or a corpus: text with one utterance a line "
+                            'and a blank line between dialogues, or JSONL of {"dialogue": [...]}')
     train.add_argument("--out", type=Path, required=True, help="folder to write the adapter into")
     defaults = MemoryTrainingConfig()
     train.add_argument("--method", choices=METHODS, default=defaults.method,
@@ -339,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--loss-on", choices=LOSS_ON, default=defaults.loss_on,
                        help="the dialogue stage's targets: all (every utterance after the first, as published) "
                             "or replies (only utterances answering one that ends in '?')")
-    train.add_argument("--samples", type=int, default=defaults.samples, help="dialogues drawn from --data synthetic")
+    train.add_argument("--samples", type=int, default=defaults.samples, help="dialogues drawn from a built-in --data source")
     train.add_argument("--seed", type=int, default=defaults.seed)
     train.add_argument("--batch-size", type=int, default=defaults.batch_size)
     train.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="longest training sequence")

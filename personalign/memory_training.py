@@ -51,6 +51,7 @@ from personalign.adapter_training import (
     write_metadata,
 )
 from personalign.models import LoadedModel, check_adapter_folder, read_adapter_metadata
+from personalign.recall_dialogues import FAR, NEAR, recall_dialogues
 from personalign.streaming_dialogue import additive_mask
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,11 @@ LOSS_ON = ("all", "replies")
 replies to a question (an utterance after one ending in "?"), where an answer must come back from a sink."""
 SYNTHETIC = "synthetic"
 """The ``samples_source`` (and ``--data``) value that selects the built-in synthetic dialogues."""
+RECALL_SOURCES = {"recall-near": NEAR, "recall-far": FAR}
+"""Built-in recall dialogues (``recall_dialogues``), by the ``samples_source`` that selects them:
+questions 1-12 or 1-32 utterances after their facts. Trained with ``loss_on="replies"``, near first
+and far from that adapter (``start_from``), they teach the sinks to be read."""
+BUILT_IN_SOURCES = (SYNTHETIC, *RECALL_SOURCES)
 IGNORE = -100  # label of a position that carries no loss (the cross-entropy ignore_index)
 
 Dialogue = tuple[str, ...]
@@ -83,7 +89,7 @@ class MemoryTrainingConfig:
     max_tokens: int = 512  # longest training sequence; longer utterances are cut to fit
     pairs: int = 8  # (u, u) pairs per SMR sequence; (u, u') pairs before the re-appended one in LMR
     seed: int = 0
-    samples: int = 1000  # dialogues drawn from the synthetic source
+    samples: int = 1000  # dialogues drawn from a built-in source
     modules: tuple[str, ...] = TARGET_MODULES  # the published q_proj, v_proj
     loss_on: str = "all"  # all | replies, of the dialogue stage (see LOSS_ON)
 
@@ -345,9 +351,12 @@ def reply_indices(dialogue: Sequence[str]) -> list[int]:
 
 
 def load_dialogues(source: str | Path | Sequence[Sequence[str]], config: MemoryTrainingConfig) -> list[Dialogue]:
-    """Dialogues from ``source``: ``"synthetic"``, a corpus file path, or dialogues already in memory."""
+    """Dialogues from ``source``: a name of ``BUILT_IN_SOURCES``, a corpus file path, or dialogues
+    already in memory. A built-in source draws ``config.samples`` dialogues with ``config.seed``."""
     if isinstance(source, str) and source == SYNTHETIC:
         return synthetic_dialogues(config.samples, config.seed)
+    if isinstance(source, str) and source in RECALL_SOURCES:
+        return recall_dialogues(config.samples, config.seed, shape=RECALL_SOURCES[source])
     if isinstance(source, (str, Path)):
         return load_corpus(source)
     dialogues = [tuple(u.strip() for u in d if isinstance(u, str) and u.strip()) for d in source]
@@ -721,8 +730,8 @@ def train_memory(loaded: LoadedModel, samples_source: str | Path | Sequence[Sequ
     The stages of ``config.method`` run in order (``all``: SMR and LMR, then the dialogue stage),
     each for ``config.epochs``; ``config.max_steps`` caps the steps of all stages together.
 
-    ``samples_source`` is ``"synthetic"``, a corpus file (see ``load_corpus``) or a list of
-    dialogues. ``progress(step, total, loss)`` is called after every optimizer step. The adapter
+    ``samples_source`` is a built-in source (``"synthetic"``, ``"recall-near"``, ``"recall-far"``),
+    a corpus file (see ``load_corpus``) or a list of dialogues. ``progress(step, total, loss)`` is called after every optimizer step. The adapter
     goes to ``out_dir`` (peft's ``save_pretrained``) with ``ADAPTER_METADATA`` beside it.
     The LoRA layers are removed afterwards, leaving ``loaded.model`` as it was.
 
@@ -780,7 +789,7 @@ def train_memory(loaded: LoadedModel, samples_source: str | Path | Sequence[Sequ
             losses, seconds = losses + stage_losses, seconds + stage_seconds
         probe_after = memory_loss(peft_model, probe, **score)
         peft_model.save_pretrained(str(out))
-        data = SYNTHETIC if isinstance(samples_source, str) and samples_source == SYNTHETIC else (
+        data = samples_source if isinstance(samples_source, str) and samples_source in BUILT_IN_SOURCES else (
             Path(samples_source).name if isinstance(samples_source, (str, Path)) else "in-memory dialogues")
         write_metadata(out, loaded, "memory", config.lora, {
             "bos_token_id": bos, "method": config.method, "steps": len(losses), "final_loss": round(losses[-1], 6),

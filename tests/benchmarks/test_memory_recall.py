@@ -9,6 +9,7 @@ import torch
 
 from benchmarks import memory_recall as mr
 from personalign.generation import new_cache, prefill
+from personalign.recall_dialogues import OPENERS, SMALL_TALK
 from personalign.streaming_llm import StreamingLLMConfig
 
 BOS, EOU = 1, 2  # as in tests/conftest.py
@@ -56,7 +57,7 @@ def test_answers_vary_across_seeds() -> None:
 
 def test_filler_names_no_fact_value() -> None:
     """A fact value in the filler would give a question a second answer."""
-    words = set(re.findall(r"[\w']+", " ".join([*mr._FILLER, *mr._OPENERS]).lower()))
+    words = set(re.findall(r"[\w']+", " ".join([*SMALL_TALK, *OPENERS]).lower()))
     values = {v.lower() for kind in mr.FACT_TYPES for v in kind.values}
     assert not words & values
 

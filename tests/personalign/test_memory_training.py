@@ -24,6 +24,7 @@ from personalign.memory_training import (
     dialogue_sample,
     lmr_sample,
     load_corpus,
+    load_dialogues,
     memory_loss,
     reply_indices,
     smr_sample,
@@ -31,6 +32,7 @@ from personalign.memory_training import (
     train_memory,
 )
 from personalign.models import ADAPTER_METADATA, ModelConfig, apply_adapter, load_model
+from personalign.recall_dialogues import FAR, NEAR, TRAINING_FACTS, recall_dialogues
 from personalign.streaming_dialogue import additive_mask, streaming_dialogue_mask
 from tests.conftest import make_tiny_llm
 
@@ -348,6 +350,18 @@ def test_synthetic_dialogues_are_deterministic_and_full_of_facts() -> None:
         synthetic_dialogues(0)
 
 
+def test_the_built_in_recall_sources_ask_near_and_far_and_every_answer_is_a_reply() -> None:
+    config = MemoryTrainingConfig(samples=30, seed=4)
+    near, far = load_dialogues("recall-near", config), load_dialogues("recall-far", config)
+    assert near == recall_dialogues(30, 4, shape=NEAR) and far == recall_dialogues(30, 4, shape=FAR)
+    questions = {kind.question for kind in TRAINING_FACTS}
+    for shape, dialogues in ((NEAR, near), (FAR, far)):
+        for dialogue in dialogues:
+            answers = [i for i in range(1, len(dialogue)) if dialogue[i - 1] in questions]
+            # loss_on="replies" trains every answer (and the odd reply to a small-talk question).
+            assert len(answers) == shape.facts and set(answers) <= set(reply_indices(dialogue))
+
+
 def _values(utterance: str, templates: tuple[str, ...]) -> tuple[str, ...] | None:
     """The values ``utterance`` fills into the first of ``templates`` it matches, or None."""
     for template in templates:
@@ -601,6 +615,16 @@ def test_train_memory_errors_are_one_line_and_exit_2(tiny_folder, tmp_path, caps
                  *extra])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and message in err
+
+
+def test_train_memory_command_trains_on_a_built_in_recall_source(tiny_folder, tmp_path, capsys) -> None:
+    near, far = tmp_path / "near", tmp_path / "far"
+    common = ["train-memory", "--model", str(tiny_folder), "--device", "cpu", "--samples", "8", "--method",
+              "dialogue", "--loss-on", "replies", "--steps", "1", "--max-tokens", "256"]
+    assert main([*common, "--data", "recall-near", "--out", str(near)]) == 0, capsys.readouterr().err
+    assert main([*common, "--data", "recall-far", "--init", str(near), "--out", str(far)]) == 0, capsys.readouterr().err
+    meta = json.loads((far / ADAPTER_METADATA).read_text())
+    assert (meta["data"], meta["loss_on"], meta["continued_from"]["data"]) == ("recall-far", "replies", "recall-near")
 
 
 def test_train_memory_command_trains_on_replies_when_asked(tiny_folder, tmp_path, capsys) -> None:
