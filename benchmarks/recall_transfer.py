@@ -25,9 +25,11 @@ and with the whole history in view, for the untrained and the trained model. If 
 the answers nothing on the very kind of dialogue trained on, no recall gain can be expected.
 
 With ``--adapter`` an adapter trained before is measured instead of training a new one;
-``--no-recall`` stops after the answer losses. ``--more-types`` adds ``recall_dialogues.TRAINING_FACTS``
-(the built-in recall source's types) to the training, never to the probe; ``--max-gap`` sets how far after its fact a training
-question may come. ``--distance-caps`` adds StreamingDialogue rows under the distance rule
+``--no-recall`` stops after the answer losses. ``--more-types`` adds the built-in recall source's
+18 types (``recall_dialogues.TRAINING_FACTS``) to the training, never to the probe; with
+``--train-types none`` they are all it trains on, as ``train-memory --data recall-near`` does, and
+all ten probe types are held out. ``--max-gap`` sets how far after its fact a training question
+may come. ``--distance-caps`` adds StreamingDialogue rows under the distance rule
 capped at each value (every key kept at most that far back), so that a model trained on short
 sequences reads old sinks only at distances it was trained on.
 """
@@ -138,7 +140,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--dialogues", type=int, default=600)
     parser.add_argument("--fillers", type=_ints, default=NEAR.fillers,
                         help="fewest,most utterances of a training dialogue before its questions go in")
-    parser.add_argument("--facts", type=int, default=NEAR.facts, help="facts stated, asked and answered per training dialogue")
+    parser.add_argument("--facts", type=int, default=NEAR.facts,
+                        help="facts stated, asked and answered per training dialogue")
     parser.add_argument("--max-gap", type=int, default=NEAR.max_gap,
                         help="a training question comes at most this many utterances after its fact")
     parser.add_argument("--more-types", action="store_true",
@@ -186,8 +189,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--halves is trained, held-out or both, comma-separated")
     asked = {"trained": (f"trained fact types ({', '.join(k.key for k in trained_kinds)})", trained_kinds),
              "held-out": (f"held-out fact types ({', '.join(k.key for k in held_out)})", held_out)}
+    if args.recall and not trained_kinds and "trained" in halves:
+        parser.error("--train-types none trains no probe type: ask --halves held-out")
     fewest = min(len(asked[half][1]) for half in halves)
-    if len(args.distances) > fewest:
+    if args.recall and len(args.distances) > fewest:
         parser.error(f"at most {fewest} distances: one fact type of each half asked about apiece")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.threads:

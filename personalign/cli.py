@@ -342,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--loss-on", choices=LOSS_ON, default=defaults.loss_on,
                        help="the dialogue stage's targets: all (every utterance after the first, as published) "
                             "or replies (only utterances answering one that ends in '?')")
-    train.add_argument("--samples", type=int, default=defaults.samples, help="dialogues drawn from a built-in --data source")
+    train.add_argument("--samples", type=int, default=defaults.samples,
+                       help="dialogues drawn from a built-in --data source")
     train.add_argument("--seed", type=int, default=defaults.seed)
     train.add_argument("--batch-size", type=int, default=defaults.batch_size)
     train.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="longest training sequence")

@@ -731,8 +731,9 @@ def train_memory(loaded: LoadedModel, samples_source: str | Path | Sequence[Sequ
     each for ``config.epochs``; ``config.max_steps`` caps the steps of all stages together.
 
     ``samples_source`` is a built-in source (``"synthetic"``, ``"recall-near"``, ``"recall-far"``),
-    a corpus file (see ``load_corpus``) or a list of dialogues. ``progress(step, total, loss)`` is called after every optimizer step. The adapter
-    goes to ``out_dir`` (peft's ``save_pretrained``) with ``ADAPTER_METADATA`` beside it.
+    a corpus file (see ``load_corpus``) or a list of dialogues. ``progress(step, total, loss)``
+    is called after every optimizer step. The adapter goes to ``out_dir`` (peft's
+    ``save_pretrained``) with ``ADAPTER_METADATA`` beside it.
     The LoRA layers are removed afterwards, leaving ``loaded.model`` as it was.
 
     ``start_from``: a memory adapter to go on training rather than a fresh LoRA, so the two

@@ -58,3 +58,16 @@ def test_each_trained_row_is_paired_against_streaming_llm_and_its_own_untrained_
         ("| trained (distance pos, cap 64) vs streaming-dialogue untrained (distance pos, cap 64), paired "
          "| +0/-0 (p 1.00) |"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["--train-types", "none"], "trains on nothing without --more-types"),
+     (["--train-types", "none", "--more-types"], "ask --halves held-out"),
+     (["--fillers", "3,3"], "fewest >= facts + 1"),
+     (["--halves", "held-out", "--distances", "1,2,3,4,5,6"], "at most 5 distances")],
+)
+def test_settings_that_cannot_run_are_refused_before_any_model_loads(capsys, argv, message) -> None:
+    with pytest.raises(SystemExit):
+        rt.main(argv)
+    assert message in capsys.readouterr().err
