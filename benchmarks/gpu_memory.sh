@@ -4,7 +4,11 @@
 #   bash benchmarks/gpu_memory.sh bf16|nf4 [MODEL]
 #
 # On the device machine, after ../shared/tools/gpu-model-parts' calls (the model folder is MODEL,
-# /root/models/smollm2-135m-instruct by default; nf4 needs the bitsandbytes call). Each step is
+# /root/models/smollm2-135m-instruct by default; nf4 needs the bitsandbytes call), back to back:
+#   call 1: carry [".gpu1"]: bash .gpu1/receive
+#   call 2: carry [".gpu2"]: bash .gpu2/receive && PYTHONPATH=/tmp/site bash benchmarks/gpu_memory.sh bf16
+#   call 3: carry [".gpu3"]: bash .gpu3/receive && PYTHONPATH=/tmp/site bash benchmarks/gpu_memory.sh nf4
+# Each step is
 # timed out on its own, so one slow step still lets the others report, and writes its log
 # under $OUT (or logs/gpu when OUT is unset, for a dry run here: DEVICE=cpu MODEL=embedded);
 # adapters go to $ADAPTERS (/tmp/gpu-adapters), since only 8 files come back from $OUT.
