@@ -28,8 +28,10 @@ Memory policies, fed the same dialogue one utterance at a time:
 The caches run under each position rule named in ``--positions`` (see ``memory_cache``):
 ``compressed`` (kept keys keep their rotation, new tokens count from the compressed length, the
 reference code's rule), ``slot`` (kept keys re-rotated to their slot in the cache, StreamingLLM's
-rule) and ``distance`` (every kept key at its true distance in the dialogue, capped as the app caps
-it: what the memory training trains under).
+rule) and ``distance`` (every kept key at its true distance in the dialogue, capped at the
+context: what the memory training trains under). Under the distance rule each ``--adapter`` adds
+rows at the cap the app puts on it (half its longest training sequence, ``memory_positions``),
+untrained and trained, so that those rows are the app's very caches.
 
 Beside recall, a single long dialogue is fed to every policy in lockstep and measured at the
 ``--turns`` checkpoints: KV bytes held (dense: what its re-read holds, and what it would hold
@@ -64,7 +66,7 @@ from personalign.generation import (
     position_ids_after,
     prefill,
 )
-from personalign.memory import kv_bytes_per_token, memory_positions
+from personalign.memory import kv_bytes_per_token, memory_positions, memory_reach
 from personalign.memory_cache import POSITION_RULES, Positions
 from personalign.recall_dialogues import FactType, filler_utterance
 from personalign.streaming_dialogue import StreamingDialogueCache
@@ -406,6 +408,16 @@ def make_policies(base: Any, tokens: Tokens, context: int, llm: StreamingLLMConf
     return policies
 
 
+def app_distance_caps(base: Any, context: int, trained: Sequence[Any]) -> tuple[int, ...]:
+    """The distance caps the app puts on the StreamingDialogue caches of the ``trained`` models
+    (``LoadedModel``s with a memory adapter; ``memory.memory_positions``), less the context's
+    own cap, which the plain distance rows already have. Passed as ``distance_caps``, they make the
+    capped rows the app's very caches."""
+    plain = memory_positions("distance", base, context).max_distance
+    caps = {memory_positions("distance", base, context, memory_reach(t)).max_distance for t in trained}
+    return tuple(sorted(caps - {plain}))
+
+
 # --- the measurements -------------------------------------------------------------------------
 
 
@@ -676,8 +688,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     base, trained = _load(args)
     tokens = Tokens(base.tokenizer, base.eou_token_id, base.tokenizer.bos_token_id)
     context = Engine(base).max_context()
+    # Under the distance rule, trained rows at the cap the app sets for each adapter too.
+    caps = app_distance_caps(base.model, context, [t for _, t in trained]) if "distance" in config.positions else ()
     policies = make_policies(base.model, tokens, context, StreamingLLMConfig(config.sink_tokens, config.window),
-                             [(name, t.model) for name, t in trained], base.dtype, config.positions)
+                             [(name, t.model) for name, t in trained], base.dtype, config.positions, caps)
     logger.info("policies: %s", ", ".join(p.label for p in policies))
 
     summary = {

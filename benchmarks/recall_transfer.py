@@ -31,7 +31,8 @@ With ``--adapter`` an adapter trained before is measured instead of training a n
 all ten probe types are held out. ``--max-gap`` sets how far after its fact a training question
 may come. ``--distance-caps`` adds StreamingDialogue rows under the distance rule
 capped at each value (every key kept at most that far back), so that a model trained on short
-sequences reads old sinks only at distances it was trained on.
+sequences reads old sinks only at distances it was trained on; the cap the app itself puts on
+the adapter (half its longest training sequence) is always among them.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from benchmarks.memory_recall import (
     FACT_TYPES,
     Tokens,
     _ints,
+    app_distance_caps,
     make_policies,
     run_recall,
 )
@@ -227,8 +229,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.recall:
         return
     tokens = Tokens(base.tokenizer, base.eou_token_id, base.tokenizer.bos_token_id)
-    policies = make_policies(base.model, tokens, Engine(base).max_context(), StreamingLLMConfig(4, 256),
-                             [("", trained.model)], base.dtype, ("distance",), args.distance_caps)
+    context = Engine(base).max_context()
+    app_caps = app_distance_caps(base.model, context, [trained])
+    if app_caps:
+        print(f"\nthe app caps {adapter.name}'s distance rule at {app_caps[0]} tokens (half its longest training "
+              "sequence): the rows at that cap are the app's caches", flush=True)
+    policies = make_policies(base.model, tokens, context, StreamingLLMConfig(4, 256), [("", trained.model)],
+                             base.dtype, ("distance",), sorted({*args.distance_caps, *app_caps}))
     for title, kinds in (asked[half] for half in halves):
         start = time.perf_counter()
         hits = run_recall(policies, tokens, args.distances, args.trials, args.seed, kinds)

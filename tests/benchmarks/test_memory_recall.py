@@ -233,3 +233,13 @@ def test_end_to_end_on_the_tiny_model(tiny_llm, tokens) -> None:
     meta = {"model": "tiny", "device": "cpu", "dtype": "float32", "context": 512, "kv_bytes_per_token": 512}
     text = mr.report(meta | figures)
     assert all(label in text for label in labels) and "d=3" in text and "N=5" in text
+
+
+def test_app_distance_caps_are_the_caps_the_app_puts_on_each_adapter(tiny_llm) -> None:
+    import dataclasses
+
+    far = dataclasses.replace(tiny_llm, adapter_metadata={"purpose": "memory", "longest_sequence": 100})
+    near = dataclasses.replace(tiny_llm, adapter_metadata={"purpose": "memory", "longest_sequence": 60})
+    assert mr.app_distance_caps(tiny_llm.model, 512, [far, near, far]) == (30, 50)  # half of each reach, once
+    assert mr.app_distance_caps(tiny_llm.model, 512, [tiny_llm]) == ()  # no adapter: the plain rows are the app's
+    assert mr.app_distance_caps(tiny_llm.model, 512, []) == ()
