@@ -216,16 +216,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         logger.info("trained %d steps in %.0f s; held-out probe loss %.3f -> %.3f", report.steps, report.seconds,
                     report.probe_loss_before, report.probe_loss_after)
         adapter = args.out
-    trained = load_model(ModelConfig(model=args.model, device=args.device, quantize="none", adapter=adapter))
     # Held-out dialogues of the training kind (another seed): do the sinks give its answers anything?
     unseen = recall_dialogues(args.reply_dialogues, args.seed + 1, taught, shape) if args.reply_dialogues else []
+    if not unseen and not args.recall:
+        return  # only the training was asked for
+    trained = load_model(ModelConfig(model=args.model, device=args.device, quantize="none", adapter=adapter))
     if unseen:
         print(f"\nloss per reply token on {len(unseen)} held-out training-kind dialogues (sinks / hidden / dense, "
               "carried = hidden - sinks)")
-    for name, loaded in (("untrained", base), (adapter.name, trained)) if unseen else ():
-        cells = reply_losses(loaded, unseen, args.max_tokens)
-        print(f"| {name} | {cells['sinks']:.3f} / {cells['hidden']:.3f} / {cells['dense']:.3f} | "
-              f"{cells['hidden'] - cells['sinks']:+.3f} |", flush=True)
+        for name, loaded in (("untrained", base), (adapter.name, trained)):
+            cells = reply_losses(loaded, unseen, args.max_tokens)
+            print(f"| {name} | {cells['sinks']:.3f} / {cells['hidden']:.3f} / {cells['dense']:.3f} | "
+                  f"{cells['hidden'] - cells['sinks']:+.3f} |", flush=True)
     if not args.recall:
         return
     tokens = Tokens(base.tokenizer, base.eou_token_id, base.tokenizer.bos_token_id)

@@ -358,11 +358,17 @@ def _check_adapter_base(path: Path, meta: dict[str, Any], loaded: LoadedModel) -
         )
 
 
+def _fitting_adapter(loaded: LoadedModel, path: Path | str) -> tuple[Path, dict[str, Any]]:
+    """``path`` and its metadata if it holds an adapter that fits ``loaded``, else ``ModelLoadError``."""
+    path = check_adapter_folder(path)
+    meta = read_adapter_metadata(path)
+    _check_adapter_base(path, meta, loaded)
+    return path, meta
+
+
 def check_adapter_fits(loaded: LoadedModel, path: Path | str) -> Path:
     """``path`` as a Path if it holds an adapter whose metadata fits ``loaded``, else ``ModelLoadError``."""
-    path = check_adapter_folder(path)
-    _check_adapter_base(path, read_adapter_metadata(path), loaded)
-    return path
+    return _fitting_adapter(loaded, path)[0]
 
 
 def apply_adapter(loaded: LoadedModel, path: Path | str) -> LoadedModel:
@@ -374,9 +380,7 @@ def apply_adapter(loaded: LoadedModel, path: Path | str) -> LoadedModel:
     """
     from peft import PeftModel
 
-    path = check_adapter_folder(path)
-    meta = read_adapter_metadata(path)
-    _check_adapter_base(path, meta, loaded)
+    path, meta = _fitting_adapter(loaded, path)
     try:
         with warnings.catch_warnings():  # peft probes a deprecated transformers property on every wrap
             warnings.simplefilter("ignore", FutureWarning)
