@@ -191,11 +191,13 @@ class Engine:
         if memory.model_name != self.weights_name(adapter):
             raise ValueError(f"this memory was made on {memory.model_name}, not {self.weights_name(adapter)}")
         ids, prompt = memory.turn_prompt(self.loaded, messages)
-        room = self.max_context() - memory.cached_tokens() - len(ids)
+        # The positions the memory spans, not its entry count: a long StreamingDialogue chat
+        # holds more sinks than the context has positions, all within its distance cap.
+        room = self.max_context() - memory.cache.position_span - len(ids)
         if room < 1:
             raise UserError(
-                f"The memory and this message fill the model's context ({self.max_context()} tokens). "
-                "Start a new chat, or switch this one to a policy that keeps less."
+                f"The memory and this message span more than the model's context ({self.max_context()} "
+                "tokens). Send a shorter message, start a new chat, or switch this one to a policy that keeps less."
             )
         if config.max_new_tokens > room:
             config = dataclasses.replace(config, max_new_tokens=room)

@@ -185,6 +185,21 @@ class MemoryCache(DynamicCache):
         return self._offset
 
     @property
+    def position_span(self) -> int:
+        """Positions from the farthest-back kept key to the next token (as of the last ``compress``).
+
+        This, not the number of entries, is what a new turn must fit beside in the model's
+        trained context: RoPE reads only distances, so a StreamingDialogue cache may hold more
+        sinks than the context has positions while its capped distance rule keeps every one
+        within ``max_distance``. A key rotated past the next token (the compressed rule puts new
+        tokens before the previous turn's kept keys) stretches the span the other way.
+        """
+        if not self._rope:
+            return 0
+        next_position = len(self._rope) + self._offset
+        return max(next_position, max(self._rope) + 1) - min(self._rope)
+
+    @property
     def tokens_seen(self) -> int:
         """Tokens fed over the whole dialogue (what a dense cache would hold), as of the last ``compress``."""
         return self._seen

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from personalign.engine import Engine
+from personalign.errors import UserError
 from personalign.generation import GenerationConfig, generate_tokens
 from personalign.memory import (
     TURN_RESERVE,
@@ -221,3 +222,17 @@ def test_a_memory_saved_under_another_position_rule_is_not_loaded(tiny_llm, tmp_
     memory.save(path)
     with pytest.raises(MemoryFileError, match="position rule"):
         ConversationMemory.load(path, tiny_llm, MemoryPolicy.STREAMING_DIALOGUE)
+
+
+def test_a_chat_with_more_sinks_than_the_context_has_positions_goes_on(tiny_llm) -> None:
+    """The capped distance rule keeps every key within reach, so only the span limits a turn."""
+    engine = Engine(tiny_llm)
+    memory = _replayed(tiny_llm, [([{"role": "user", "content": "a"}], "b")] * 300)
+    cache = memory.cache
+    assert len(cache.cached_tokens) > tiny_llm.context_length >= cache.position_span
+    assert cache.position_span <= cache.positions.max_distance
+    stream = engine.stream_turn(memory, [{"role": "user", "content": "q"}], GREEDY)
+    assert list(stream) and stream.stats.new_tokens == GREEDY.max_new_tokens
+    too_long = [{"role": "user", "content": "x" * tiny_llm.context_length}]
+    with pytest.raises(UserError, match="span more than the model's context"):
+        engine.stream_turn(memory, too_long, GREEDY)

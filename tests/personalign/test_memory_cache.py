@@ -181,6 +181,22 @@ def test_decoding_after_a_distance_compress_goes_on_from_the_dialogue_index(tiny
     assert position_ids_after(cache, 1, "cpu").tolist() == [[21]]
 
 
+
+def test_the_span_is_what_a_new_token_reads_across_under_each_rule(tiny_llm) -> None:
+    model = tiny_llm.model
+    utterances = _dialogue([5, 6, 4, 6])  # 22 tokens, 10 kept
+    assert StreamingDialogueCache(EOU, BOS).position_span == 0
+    # Capped: the next token (22) reads back to the oldest key left uncapped (15), not to BOS.
+    capped = _fed(model, utterances, Positions.for_model("distance", model, max_distance=8))
+    assert capped.position_span == 22 - 15 < len(capped.cached_tokens)
+    assert _fed(model, utterances, Positions.for_model("distance", model)).position_span == 22  # back to BOS at 0
+    assert _fed(model, utterances, Positions.for_model("slot", model)).position_span == 10  # slots 0..9, next 10
+    # Compressed: the last utterance was fed from 7 (the length before it), so its keys sit at
+    # 7..12, while the next token goes to 10: the span runs to the keys beyond it.
+    compressed = _fed(model, utterances, Positions())
+    assert compressed.rope_positions[-6:] == list(range(7, 13)) and compressed.position_offset == 0
+    assert compressed.position_span == 13
+
 # --- saving -----------------------------------------------------------------------------------
 
 
