@@ -250,9 +250,17 @@ class MemoryCache(DynamicCache):
         if targets == self._rope:
             return
         delta = torch.tensor(targets) - torch.tensor(self._rope)  # (K,)
+        # Only the keys that move are turned: past the distance cap that is the few sinks that
+        # crossed it this turn, not the thousands a long chat holds. A zero turn is exact
+        # (cos 0 = 1, sin 0 = 0), so the result is the same as turning them all.
+        moved = delta.nonzero().flatten()  # (M,)
         for layer in self.layers:
-            if getattr(layer, "is_initialized", False):
-                layer.keys = self.positions.shift(layer.keys, delta)  # (B, H, K, D)
+            if not getattr(layer, "is_initialized", False):
+                continue
+            index = moved.to(layer.keys.device)
+            turned = self.positions.shift(layer.keys.index_select(-2, index), delta[moved])  # (B, H, M, D)
+            # A new tensor, not an in-place write: an exported state or a copy may share this one.
+            layer.keys = layer.keys.index_copy(-2, index, turned)  # (B, H, K, D)
         self._rope = targets
 
     def _select(self, keep: Sequence[int]) -> None:
