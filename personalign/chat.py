@@ -394,13 +394,24 @@ class ChatService:
         """Prompt messages that fit the model's context, dropping the oldest turns first."""
         persona, version_id = self._persona(user, persona_id, mode)
         budget = self._engine.max_context() - max_new_tokens
-        while True:
-            messages = build_messages(mode, persona, history, text)
-            if self._engine.count_tokens(messages) <= budget:
-                return messages, version_id
-            if not history:
-                raise UserError("This message and persona are too long for the model's context; shorten them.")
-            history = history[2:]
+
+        def dropping(pairs: int) -> list[Message]:
+            return build_messages(mode, persona, history[2 * pairs:], text)
+
+        def fits(pairs: int) -> bool:
+            return self._engine.count_tokens(dropping(pairs)) <= budget
+
+        # Fewer turns never take more tokens, so the fewest to drop is found by bisection: a
+        # few renders of the history, not one per dropped turn (minutes at 2,000 turns).
+        low, high = 0, (len(history) + 1) // 2  # fits(high) drops everything
+        if fits(low):
+            return dropping(low), version_id
+        if not fits(high):
+            raise UserError("This message and persona are too long for the model's context; shorten them.")
+        while high - low > 1:  # fits(high) and not fits(low)
+            middle = (low + high) // 2
+            low, high = (low, middle) if fits(middle) else (middle, high)
+        return dropping(high), version_id
 
 
 def check_message(text: str, what: str = "message") -> str:

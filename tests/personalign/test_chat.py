@@ -6,7 +6,7 @@ import pytest
 from personalign.errors import NotFoundError, UserError
 from personalign.generation import GenerationConfig
 from personalign.persona import Persona
-from personalign.prompts import build_messages
+from personalign.prompts import Mode, build_messages
 
 GREEDY = GenerationConfig(max_new_tokens=12, temperature=0.0)
 
@@ -101,6 +101,23 @@ def test_long_history_is_trimmed_to_fit_the_context(services):
     prompt = services.chat.turns(None, conversation.id)[-1].prompt
     assert services.chat._engine.count_tokens([{"role": "user", "content": prompt}]) <= 512
     assert len(services.chat.turns(None, conversation.id)) == 12  # nothing stored was dropped
+
+
+@pytest.mark.parametrize("turns", [0, 1, 3, 40])
+def test_trimming_keeps_the_most_recent_turns_that_fit(services, turns):
+    """The bisection finds what dropping one oldest turn at a time would: the longest recent stretch."""
+    chat = services.chat
+    history = []
+    for i in range(turns):
+        history += [{"role": "user", "content": f"question {i} " + "y" * (5 + 7 * i % 30)},
+                    {"role": "assistant", "content": f"answer {i}"}]
+    history = history[:-1] if turns == 3 else history  # a history may end on a user message
+    budget = chat._engine.max_context() - 16
+    drop = next(d for d in range(0, len(history) + 2, 2)
+                if chat._engine.count_tokens(build_messages("none", None, history[d:], "now?")) <= budget)
+    messages, _ = chat._messages(None, history, "now?", None, Mode.NONE, 16)
+    assert messages == build_messages("none", None, history[drop:], "now?")
+    assert turns < 40 or 0 < drop < len(history)  # the long one is cut inside
 
 
 def test_conversations_are_private(services):
