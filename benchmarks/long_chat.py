@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -133,8 +133,8 @@ class ChatRun:
     rebuilt: Timing | None = None
     reopened: Timing | None = None
     file_bytes: int = 0
-    live: list[Timing] | None = None
-    dense: list[Timing] | None = None
+    live: list[Timing] = field(default_factory=list)
+    dense: list[Timing] = field(default_factory=list)
 
 
 def run(db: Any, services_for: Any, lengths: Sequence[int], pairs: Sequence[tuple[str, str]], generation: Any,
@@ -160,7 +160,6 @@ def run(db: Any, services_for: Any, lengths: Sequence[int], pairs: Sequence[tupl
                     r.rebuilt.first_token_s)
         r.reopened = timed_send(services_for().chat, conversation_id, next(asks), generation)
         r.file_bytes = sum(f.stat().st_size for f in memory_root.glob(f"*/{conversation_id}.pt"))
-        r.live, r.dense = [], []
     live = services_for().chat  # one app run from here on: memories stay in RAM between turns
     for round_ in range(repeats):
         for r in runs:
@@ -204,8 +203,8 @@ def report(runs: Sequence[ChatRun], max_new_tokens: int, tokenizer: Any) -> str:
     rows = []
     for r in runs:
         cells = [f"{r.turns:,}"]
-        for field in ("first_token_s", "last_token_s", "done_s"):
-            cells.append(_seconds(_median(r.live, field)))
+        for name in ("first_token_s", "last_token_s", "done_s"):
+            cells.append(_seconds(_median(r.live, name)))
         cells.append(f"{_median(r.live, 'last_token_s') / _median(base, 'last_token_s'):.2f}x")
         if r.dense:
             cells += [_seconds(_median(r.dense, "last_token_s")),
@@ -217,7 +216,7 @@ def report(runs: Sequence[ChatRun], max_new_tokens: int, tokenizer: Any) -> str:
     repeats = len(base)
     parts += ["", f"One more turn with the memory in RAM, median of {repeats} interleaved rounds", _table(header, rows)]
 
-    replies = [t for r in runs for t in [*r.live, *(r.dense or [])]]
+    replies = [t for r in runs for t in [*r.live, *r.dense]]
     full = sum(len(tokenizer(t.reply, add_special_tokens=False)["input_ids"]) >= max_new_tokens for t in replies)
     parts.append(f"replies at the {max_new_tokens}-token limit (re-tokenized): {full} of {len(replies)}")
     return "\n".join(parts)
