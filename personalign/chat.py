@@ -251,12 +251,11 @@ class ChatService:
 
     def _reply(self, user: str | None, conversation_id: int, persona_id: int | None, mode: Mode,
                generation: GenerationConfig) -> Iterator[ReplyUpdate]:
-        stored = self.turns(user, conversation_id)
-        if not stored or stored[-1].role != "user":
-            raise UserError("The conversation does not end with a message to answer.")
         policy = MemoryPolicy(self.conversation(user, conversation_id).memory)
         if policy.streaming:
-            return self._reply_from_memory(user, conversation_id, persona_id, mode, generation, policy, stored)
+            return self._reply_from_memory(user, conversation_id, persona_id, mode, generation, policy)
+        stored = self.turns(user, conversation_id)
+        _check_answerable(stored)
         history = [_message(t) for t in stored]
         messages, version_id = self._messages(user, history[:-1], history[-1]["content"], persona_id, mode,
                                               generation.max_new_tokens)
@@ -268,26 +267,35 @@ class ChatService:
         tokens = self._engine.stream(messages, generation, stop_event=stop, unconditioned=plain, adapter=adapter)
         return self._stream(user, conversation_id, tokens, _shown(tokens.prompt, adapter), version_id, mode, stop)
 
-    def _reply_from_memory(self, user, conversation_id, persona_id, mode, generation, policy,
-                           stored: list[ChatTurn]) -> Iterator[ReplyUpdate]:
-        """Answer on top of the conversation's streaming memory: only the new turn is read."""
+    def _reply_from_memory(self, user, conversation_id, persona_id, mode, generation,
+                           policy) -> Iterator[ReplyUpdate]:
+        """Answer on top of the conversation's streaming memory: only the new turn is read.
+
+        Only the newest two messages and the count come from the database: the memory stands
+        for the rest, and the whole history is read only if the memory must be rebuilt.
+        """
+        user_id = self._accounts.user_id(user)
+        with self._db.session() as s, user_errors():
+            count = storage.count_messages(session=s, user_id=user_id, conversation_id=conversation_id)
+            newest = storage.last_messages(session=s, user_id=user_id, conversation_id=conversation_id, limit=2)
+        _check_answerable(newest)
         persona, version_id = self._persona(user, persona_id, mode)
         if generation.persona_strength:
             raise UserError("Persona strength needs dense memory (it compares two full prompts); "
                             "set it to 0 or switch this chat's memory to dense.")
-        messages = build_messages(mode, persona, [], stored[-1].content)
-        earlier = stored[:-1]
-        at = Position(len(earlier), earlier[-1].id if earlier else None)
+        question = newest[-1]
+        messages = build_messages(mode, persona, [], question.content)
+        at = Position(count - 1, newest[-2].id if len(newest) > 1 else None)
         adapter = self._adapter(user, persona_id, mode)
-        return self._memory_stream(user, conversation_id, policy, at, stored, messages, version_id, mode, generation,
-                                   adapter)
+        return self._memory_stream(user, conversation_id, policy, at, question.id, messages, version_id, mode,
+                                   generation, adapter)
 
-    def _memory_stream(self, user, conversation_id, policy, at, stored, messages, version_id, mode,
+    def _memory_stream(self, user, conversation_id, policy, at, question_id, messages, version_id, mode,
                        generation, adapter) -> Iterator[ReplyUpdate]:
         user_id = self._accounts.user_id(user)
         stop = self._stops.register(user)
         try:
-            memory = yield from self._acquire(user, conversation_id, policy, at, stored[:-1], stop, adapter)
+            memory = yield from self._acquire(user, conversation_id, policy, at, stop, adapter)
             if memory is None:  # stopped while rebuilding: nothing generated, nothing lost
                 yield ReplyUpdate(conversation_id, "", "", done=True, stopped=True)
                 return
@@ -301,15 +309,16 @@ class ChatService:
             raise
 
         def commit(reply_id: int | None) -> None:
-            count = len(stored) + (reply_id is not None)
-            self._memories.commit(user_id, conversation_id, memory, Position(count, reply_id or stored[-1].id))
+            count = at.message_count + 1 + (reply_id is not None)  # the earlier messages, the question, the reply
+            self._memories.commit(user_id, conversation_id, memory, Position(count, reply_id or question_id))
 
         yield from self._stream(user, conversation_id, tokens, prompt, version_id, mode, stop, after_store=commit)
 
-    def _acquire(self, user, conversation_id, policy, at, earlier, stop, adapter):
+    def _acquire(self, user, conversation_id, policy, at, stop, adapter):
         """The memory at ``at``, yielding progress updates while it has to be rebuilt; None if stopped."""
-        acquiring = self._memories.acquire(self._accounts.user_id(user), conversation_id, policy, at,
-                                           lambda: self._replay(user, earlier), adapter)
+        acquiring = self._memories.acquire(
+            self._accounts.user_id(user), conversation_id, policy, at,
+            lambda: self._replay(user, self.turns(user, conversation_id)[:at.message_count]), adapter)
         while True:
             try:
                 done, total = next(acquiring)
@@ -436,6 +445,11 @@ def _title(text: str) -> str:
 
 def _summary(row: storage.ConversationPublic) -> ConversationSummary:
     return ConversationSummary(row.id, row.title, row.persona_id, row.mode, row.memory, row.updated_at)
+
+
+def _check_answerable(messages: list[ChatTurn] | list[storage.MessagePublic]) -> None:
+    if not messages or messages[-1].role != "user":
+        raise UserError("The conversation does not end with a message to answer.")
 
 
 def _message(turn: ChatTurn) -> Message:

@@ -409,6 +409,30 @@ def list_messages(*, session: Session, user_id: int, conversation_id: int) -> li
     return [MessagePublic.model_validate(m) for m in messages]
 
 
+def count_messages(*, session: Session, user_id: int, conversation_id: int) -> int:
+    """How many messages a conversation holds (0 for one that is not the user's)."""
+    return session.exec(
+        select(func.count()).select_from(Message)
+        .where(Message.user_id == user_id, Message.conversation_id == conversation_id)
+    ).one()
+
+
+def last_messages(*, session: Session, user_id: int, conversation_id: int, limit: int) -> list[MessagePublic]:
+    """A conversation's newest ``limit`` messages, oldest first.
+
+    A turn on a streaming memory needs only these, not a history of thousands of messages.
+    """
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+        raise ValueError(f"limit must be a whole number >= 0; got {limit!r}")
+    newest = session.exec(
+        select(Message)
+        .where(Message.user_id == user_id, Message.conversation_id == conversation_id)
+        .order_by(col(Message.id).desc())
+        .limit(limit)
+    ).all()
+    return [MessagePublic.model_validate(m) for m in reversed(newest)]
+
+
 def get_message(*, session: Session, user_id: int, message_id: int) -> MessagePublic | None:
     """One message, or None."""
     message = _owned(session, Message, message_id, user_id)

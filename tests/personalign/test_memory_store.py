@@ -58,6 +58,19 @@ def test_streaming_turns_read_only_the_new_message_and_report_the_meter(services
     assert services.chat.conversation(None, conversation_id).memory == SD
 
 
+def test_a_turn_on_the_memory_reads_the_whole_history_only_to_rebuild_it(services, tiny_llm, monkeypatch) -> None:
+    conversation_id = _chat_with_turns(services)
+    listed = []
+    real = storage.list_messages
+    monkeypatch.setattr(storage, "list_messages", lambda **kw: listed.append(kw) or real(**kw))
+    _send(services.chat, conversation_id, "In RAM")
+    _send(_fresh_chat(services, tiny_llm), conversation_id, "From the file")
+    assert listed == []  # a long chat's turn costs the same whatever its length
+    (services.chat._memories.root / _snapshot(services, conversation_id).path).unlink()
+    updates = _send(_fresh_chat(services, tiny_llm), conversation_id, "Rebuilt")
+    assert _rebuilt(updates) and len(listed) == 1  # rebuilding replays every stored message, once
+
+
 def test_memory_is_saved_with_the_conversation_and_resumed_without_rebuilding(services, tiny_llm) -> None:
     conversation_id = _chat_with_turns(services)
     record = _snapshot(services, conversation_id)

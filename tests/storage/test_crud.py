@@ -294,6 +294,24 @@ def test_messages_keep_their_order_and_details(session: Session, alice: UserPubl
     assert storage.get_message(session=session, user_id=alice.id, message_id=answer.id) == answer
 
 
+def test_the_newest_messages_and_the_count_read_only_what_they_say(session: Session, alice: UserPublic) -> None:
+    conversation = storage.create_conversation(session=session, user_id=alice.id, title="T")
+    other = storage.create_conversation(session=session, user_id=alice.id, title="U")
+    ids = {"session": session, "user_id": alice.id, "conversation_id": conversation.id}
+    assert storage.count_messages(**ids) == 0
+    assert storage.last_messages(**ids, limit=2) == []
+    added = [storage.add_message(**ids, role=("user", "assistant")[i % 2], content=str(i)) for i in range(5)]
+    storage.add_message(session=session, user_id=alice.id, conversation_id=other.id, role="user", content="other")
+
+    assert storage.count_messages(**ids) == 5
+    assert storage.last_messages(**ids, limit=2) == added[3:]  # oldest first
+    assert storage.last_messages(**ids, limit=9) == added
+    assert storage.last_messages(**ids, limit=0) == []
+    for limit in (-1, 1.5, True, None):
+        with pytest.raises(ValueError):
+            storage.last_messages(**ids, limit=limit)
+
+
 def test_add_message_validation(session: Session, alice: UserPublic) -> None:
     conversation = storage.create_conversation(session=session, user_id=alice.id, title="T")
     for role in ("system", "User", ""):

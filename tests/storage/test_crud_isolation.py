@@ -113,6 +113,9 @@ LISTS: dict[str, Case] = {
     "list_messages": lambda s, a, b: storage.list_messages(
         session=s, user_id=b.user.id, conversation_id=a.conversation.id
     ),
+    "last_messages": lambda s, a, b: storage.last_messages(
+        session=s, user_id=b.user.id, conversation_id=a.conversation.id, limit=5
+    ),
     "list_feedback": lambda s, a, b: storage.list_feedback(session=s, user_id=b.user.id),
     "list_feedback/conversation": lambda s, a, b: storage.list_feedback(
         session=s, user_id=b.user.id, conversation_id=a.conversation.id
@@ -202,7 +205,10 @@ WRITES: dict[str, Case] = {
 }
 
 
-COUNTS: dict[str, Case] = {
+COUNTS: dict[str, Case] = {  # bob's call on alice's rows counts (or removes) none of them
+    "count_messages": lambda s, a, b: storage.count_messages(
+        session=s, user_id=b.user.id, conversation_id=a.conversation.id
+    ),
     "delete_preference_events_for_message": lambda s, a, b: storage.delete_preference_events_for_message(
         session=s, user_id=b.user.id, message_id=a.message.id
     ),
@@ -260,7 +266,9 @@ def test_writes_to_or_attaching_other_users_rows_raise_not_found(
 
 
 @pytest.mark.parametrize("case", COUNTS.values(), ids=COUNTS.keys())
-def test_bulk_deletes_of_other_users_rows_remove_nothing(session: Session, a: Owned, b: Owned, case: Case) -> None:
+def test_counts_and_bulk_deletes_of_other_users_rows_touch_nothing(
+    session: Session, a: Owned, b: Owned, case: Case
+) -> None:
     def expect(call: Callable[[], Any]) -> None:
         assert call() == 0
 
@@ -309,3 +317,4 @@ def test_every_user_scoped_function_is_covered() -> None:
     }
     covered = {key.split("/")[0] for cases in (READS, LISTS, DELETES, WRITES, COUNTS, CREATES) for key in cases}
     assert scoped - covered == set()
+
