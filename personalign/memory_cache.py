@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 
 class RopeShift:
@@ -79,6 +80,76 @@ class RopeShift:
         k = keys.float()  # float32: keys may be turned many times over a long dialogue
         rotated = torch.cat((-k[..., half:], k[..., :half]), dim=-1)  # rotate_half: (B, H, K, D)
         return (k * angles.cos() + rotated * angles.sin()).to(keys.dtype)
+
+
+class GrowingLayer(DynamicLayer):
+    """A ``DynamicLayer`` that appends into spare room instead of concatenating.
+
+    ``DynamicLayer.update`` copies the whole layer at every decode step (``torch.cat``): for a
+    long chat's thousands of sinks that copy, not the small model's step, is what grows with
+    the chat. Here a turn's first update copies the kept entries once into a store with
+    ``spare`` more slots, and each token after is written into the next slot; ``keys`` and
+    ``values`` stay views of the stores' first entries. Anything that replaces ``keys`` or
+    ``values`` (an eviction, a copy, a move to another device) is adopted at the next update,
+    so the layer never has to be told. Existing entries are never written: a view taken
+    before (an exported state) keeps reading the same values.
+
+    Where autograd records the cache (a gradient through the keys) it concatenates like
+    ``DynamicLayer``, as writing into a tensor saved for backward would break the backward.
+    """
+
+    spare = 256  # slots reserved past the entries: most turns fit in one store
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._stores: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._views: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``key_states``/``value_states`` (B, H, T, D) and return all keys and values (B, H, N+T, D)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad
+                                        or self.keys.requires_grad or self.values.requires_grad):
+            self._stores = self._views = None
+            return super().update(key_states, value_states, *args, **kwargs)
+        length, new = self.get_seq_length(), key_states.shape[-2]
+        if not self._fits(key_states, value_states, length + new):
+            self._adopt(key_states, value_states, length, length + new + self.spare)
+        keys, values = self._stores
+        keys[..., length:length + new, :] = key_states
+        values[..., length:length + new, :] = value_states
+        self.keys, self.values = keys[..., :length + new, :], values[..., :length + new, :]
+        self._views = (self.keys, self.values)
+        return self.keys, self.values
+
+    def _fits(self, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> bool:
+        """Whether the next entries can go into the current stores."""
+        if self._stores is None or self._views is None:
+            return False
+        if self._views[0] is not self.keys or self._views[1] is not self.values:
+            return False  # replaced since the last update: the stores no longer hold them
+        keys, values = self._stores
+        if keys.is_inference() and not torch.is_inference_mode_enabled():
+            return False  # a tensor made under inference mode may only be written there
+        return (keys.shape[-2] >= needed and keys.shape[:-2] == key_states.shape[:-2]
+                and values.shape[:-2] == value_states.shape[:-2]
+                and keys.dtype == key_states.dtype and keys.device == key_states.device)
+
+    def _adopt(self, key_states: torch.Tensor, value_states: torch.Tensor, length: int, capacity: int) -> None:
+        """New stores of ``capacity`` slots holding the layer's current ``length`` entries."""
+        stores = []
+        for held, incoming in ((self.keys, key_states), (self.values, value_states)):
+            store = incoming.new_empty((*incoming.shape[:-2], capacity, incoming.shape[-1]))  # (B, H, C, D)
+            if length:
+                store[..., :length, :] = held
+            stores.append(store)
+        self._stores = (stores[0], stores[1])
+
+    def reset(self) -> None:
+        self._stores = self._views = None
+        super().reset()
 
 
 POSITION_RULES = ("compressed", "slot", "distance")
@@ -141,6 +212,8 @@ class MemoryCache(DynamicCache):
         # No config: full-attention DynamicLayers only, created lazily per layer; a
         # sliding-window layer would evict on its own and break the shared bookkeeping.
         super().__init__()
+        # Layers made lazily, per layer index, as the model first updates them.
+        self.layer_class_to_replicate = GrowingLayer
         self.positions = Positions() if positions is None else positions
         if not isinstance(self.positions, Positions):
             raise TypeError(f"positions must be a Positions; got {type(self.positions).__name__}")
@@ -283,7 +356,7 @@ class MemoryCache(DynamicCache):
         if self.get_seq_length() != len(self._tokens):
             raise ValueError("export_state needs a compressed cache: call compress() first")
         layers = [
-            (layer.keys.detach().to("cpu"), layer.values.detach().to("cpu"))
+            (_compact(layer.keys.detach().to("cpu")), _compact(layer.values.detach().to("cpu")))
             for layer in self.layers
             if getattr(layer, "is_initialized", False)
         ]
@@ -322,6 +395,13 @@ class MemoryCache(DynamicCache):
         self._seen = int(state["seen"])
         # Sets the next token's position from the rule; a cap may differ from the saved one.
         self._place()
+
+
+def _compact(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or a copy of it when it is a view of a larger store (``torch.save`` writes whole storages)."""
+    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        return tensor.clone()
+    return tensor
 
 
 def close_turn(model: Any, cache: MemoryCache, turn_token_ids: Sequence[int]) -> list[int]:

@@ -6,9 +6,10 @@ import copy
 
 import pytest
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from personalign.generation import decode_one_token, position_ids_after, prefill
-from personalign.memory_cache import POSITION_RULES, Positions, RopeShift
+from personalign.memory_cache import POSITION_RULES, GrowingLayer, Positions, RopeShift
 from personalign.streaming_dialogue import (
     StreamingDialogueCache,
     additive_mask,
@@ -221,3 +222,51 @@ def test_a_state_saved_under_one_rule_loads_only_under_it(tiny_llm) -> None:
     assert capped.rope_positions == [15, 15, 15, 15, 13, 14, 15] != cache.rope_positions
     torch.testing.assert_close(capped.layers[0].keys,
                                _layer0_keys(model, capped.cached_tokens, capped.rope_positions))
+
+
+def _kv(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 2, n, 4, generator=generator), torch.randn(1, 2, n, 4, generator=generator)  # (B, H, T, D)
+
+
+def test_a_growing_layer_appends_in_place_and_holds_what_concatenation_would() -> None:
+    layer, plain = GrowingLayer(), DynamicLayer()
+    with torch.inference_mode():
+        for step, n in enumerate([5, 1, 1, 3]):
+            keys, values = layer.update(*_kv(n, step))
+            expected = plain.update(*_kv(n, step))
+            assert torch.equal(keys, expected[0]) and torch.equal(values, expected[1])
+            if step == 1:
+                before, storage = keys, keys.untyped_storage().data_ptr()
+        assert keys.untyped_storage().data_ptr() == storage  # no copy per step: one store since the first token
+        assert before.shape[-2] == 6 and torch.equal(before, plain.keys[..., :6, :])  # old views keep their values
+        assert layer.get_seq_length() == 10
+        layer.keys = layer.keys.index_select(-2, torch.tensor([0, 9]))  # an eviction replaces the tensor
+        layer.values = layer.values.index_select(-2, torch.tensor([0, 9]))
+        keys, _ = layer.update(*_kv(1, 7))
+    assert torch.equal(keys, torch.cat([plain.keys[..., [0, 9], :], _kv(1, 7)[0]], dim=-2))
+    keys, _ = layer.update(*_kv(GrowingLayer.spare + 1, 8))  # outside inference mode, past the spare room
+    assert keys.shape[-2] == GrowingLayer.spare + 4 and not keys.is_inference()
+
+
+def test_a_growing_layer_concatenates_where_autograd_records_the_keys() -> None:
+    layer = GrowingLayer()
+    keys, values = _kv(3, 0)
+    keys.requires_grad_(True)
+    held, _ = layer.update(keys, values)
+    more, _ = layer.update(*_kv(2, 1))
+    (held.sum() + more.square().sum()).backward()  # an in-place write would have broken this backward
+    assert keys.grad is not None and torch.equal(more[..., :3, :], keys)
+
+
+def test_memory_caches_grow_in_place_and_save_only_their_entries(tiny_llm) -> None:
+    cache = StreamingLLMCache(StreamingLLMConfig(sink_tokens=1, window=64))  # keeps all: no eviction compacts it
+    ids = random_utterance(0, 8)
+    prefill(tiny_llm.model, torch.tensor([ids]), cache)
+    decode_one_token(tiny_llm.model, torch.tensor([[5]]), cache)
+    cache.compress([*ids, 5])
+    assert all(isinstance(layer, GrowingLayer) for layer in cache.layers) and cache.get_seq_length() == 9
+    state = cache.export_state()
+    entries = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in state["layers"])
+    stored = sum(k.untyped_storage().nbytes() + v.untyped_storage().nbytes() for k, v in state["layers"])
+    assert stored == entries  # torch.save writes whole storages: not the stores' spare room

@@ -1,0 +1,124 @@
+"""One decode step on top of a long chat's memory: concatenating cache layers against growing ones.
+
+    PYTHONPATH=. python benchmarks/decode_step.py [--model embedded] [--device auto] [--quantize auto]
+        [--entries 53,1033,4033] [--steps 16] [--repeats 5] [--threads N]
+
+A StreamingDialogue memory after N utterances holds about N entries per layer (BOS, one sink per
+utterance, the latest utterance), and every token of the next reply is one decode step on top of
+them. transformers' ``DynamicLayer`` concatenates at every step, copying all of them;
+``memory_cache.GrowingLayer`` writes each token into spare room. Per entry count, both caches are
+filled with the same random keys and values (a step's cost does not depend on them), made compact
+as an eviction leaves them, then ``--steps`` tokens are decoded, alternately, ``--repeats`` times;
+the medians are reported. The default counts are the memories of the long-chat benchmark
+(``long_chat.py``) at 10, 500 and 2,000 turns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from benchmarks.memory_recall import _ints, _table
+
+
+def filled(kind: type, config: Any, entries: int, dtype: Any, device: Any, seed: int = 0) -> Any:
+    """A ``kind`` cache holding ``entries`` random entries per layer, each layer one compact tensor."""
+    import torch
+
+    cache = kind()
+    heads = config.num_key_value_heads
+    dims = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    generator = torch.Generator().manual_seed(seed)
+    with torch.inference_mode():  # as the app fills its caches
+        for index in range(config.num_hidden_layers):
+            keys, values = (torch.randn(1, heads, entries, dims, generator=generator).to(device, dtype)
+                            for _ in range(2))  # (B, H, N, D)
+            cache.update(keys, values, index)
+            layer = cache.layers[index]
+            layer.keys, layer.values = layer.keys.clone(), layer.values.clone()  # compact, as after an eviction
+    return cache
+
+
+def step_seconds(model: Any, cache: Any, steps: int) -> float:
+    """Seconds per decode step, over ``steps`` steps on ``cache``."""
+    import torch
+
+    from personalign.generation import decode_one_token
+
+    token = torch.tensor([[42]], device=model.device)  # (1, 1)
+    synchronize = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    synchronize()
+    started = time.perf_counter()
+    for _ in range(steps):
+        decode_one_token(model, token, cache)
+    synchronize()
+    return (time.perf_counter() - started) / steps
+
+
+def run(model: Any, dtype: Any, entries: Sequence[int], steps: int, repeats: int) -> list[tuple[int, float, float]]:
+    """(entries, median seconds per step concatenating, growing) per entry count; ``dtype``: the caches'."""
+    from transformers import DynamicCache
+
+    from personalign.memory_cache import MemoryCache
+
+    rows = []
+    for n in entries:
+        times: dict[type, list[float]] = {DynamicCache: [], MemoryCache: []}
+        for repeat in range(repeats + 1):  # the first round warms up and is dropped
+            for kind, seen in times.items():
+                seconds = step_seconds(model, filled(kind, model.config, n, dtype, model.device, repeat), steps)
+                if repeat:
+                    seen.append(seconds)
+        rows.append((n, statistics.median(times[DynamicCache]), statistics.median(times[MemoryCache])))
+    return rows
+
+
+def report(rows: Sequence[tuple[int, float, float]]) -> str:
+    base = rows[0][2]
+    cells = [[f"{n:,}", f"{plain * 1000:.2f} ms", f"{growing * 1000:.2f} ms", f"{plain / growing:.2f}x",
+              f"{growing / base:.2f}x"] for n, plain, growing in rows]
+    return _table(["entries per layer", "DynamicLayer (concatenates)", "GrowingLayer (in place)",
+                   "concatenating / growing", f"growing / at {rows[0][0]:,}"], cells)
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="embedded")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--quantize", default="auto")
+    parser.add_argument("--entries", type=_ints, default=(53, 1033, 4033))
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.repeats < 1:
+        raise SystemExit("--steps and --repeats must be at least 1")
+
+    import torch
+
+    from personalign.models import ModelConfig, load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if torch.cuda.is_available():
+        torch.backends.cuda.enable_cudnn_sdp(False)  # its CPU cost per layer call dominates a small model's step
+    loaded = load_model(ModelConfig(model=args.model, device=args.device, quantize=args.quantize))
+    rows = run(loaded.model, loaded.dtype, args.entries, args.steps, args.repeats)
+    text = "\n".join([
+        f"command: {shlex.join(['benchmarks/decode_step.py', *argv])}",
+        f"model: {args.model} on {loaded.device} ({loaded.dtype}), {args.steps} steps, median of {args.repeats}",
+        "",
+        report(rows),
+    ])
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
