@@ -84,8 +84,17 @@ class Timing:
     last_token_s: float
     done_s: float
     reply: str
+    new_tokens: int  # the tokens the model generated, as the engine counted them
     rebuild_updates: int
     meter: Any  # MemoryMeter of the turn (None for a reply that stored nothing)
+
+    @property
+    def step_s(self) -> float | None:
+        """Seconds per generated token after the first (one decode step each; None for one token).
+
+        Unlike the time to the last token, it does not depend on how long the reply ran.
+        """
+        return (self.last_token_s - self.first_token_s) / (self.new_tokens - 1) if self.new_tokens > 1 else None
 
 
 def timed_send(chat: Any, conversation_id: int, text: str, generation: Any) -> Timing:
@@ -109,7 +118,7 @@ def timed_send(chat: Any, conversation_id: int, text: str, generation: Any) -> T
     done = time.perf_counter() - started
     if final is None or first is None:
         raise RuntimeError(f"conversation {conversation_id}: the reply ended without a token")
-    return Timing(first, last, done, final.text, rebuilds, final.meter)
+    return Timing(first, last, done, final.text, final.new_tokens or 0, rebuilds, final.meter)
 
 
 def seed_history(db: Any, conversation_id: int, turns: Sequence[tuple[str, str]]) -> None:
@@ -171,14 +180,15 @@ def run(db: Any, services_for: Any, lengths: Sequence[int], pairs: Sequence[tupl
 
 
 def _median(timings: Sequence[Timing], field: str) -> float:
-    return statistics.median(getattr(t, field) for t in timings)
+    values = [getattr(t, field) for t in timings]
+    return statistics.median(v for v in values if v is not None) if any(v is not None for v in values) else 0.0
 
 
 def _seconds(value: float) -> str:
     return f"{value:.2f} s" if value < 100 else f"{value:,.0f} s"
 
 
-def report(runs: Sequence[ChatRun], max_new_tokens: int, tokenizer: Any) -> str:
+def report(runs: Sequence[ChatRun], max_new_tokens: int) -> str:
     rows = []
     for r in runs:
         rebuilt, reopened = r.rebuilt.first_token_s, r.reopened.first_token_s
@@ -206,20 +216,27 @@ def report(runs: Sequence[ChatRun], max_new_tokens: int, tokenizer: Any) -> str:
         for name in ("first_token_s", "last_token_s", "done_s"):
             cells.append(_seconds(_median(r.live, name)))
         cells.append(f"{_median(r.live, 'last_token_s') / _median(base, 'last_token_s'):.2f}x")
+        cells += [f"{_median(r.live, 'step_s') * 1000:.1f} ms",
+                  f"{_ratio(_median(r.live, 'step_s'), _median(base, 'step_s'))}"]
         if r.dense:
             cells += [_seconds(_median(r.dense, "last_token_s")),
                       f"{_median(r.dense, 'last_token_s') / _median(r.live, 'last_token_s'):.1f}x"]
         rows.append(cells)
-    header = ["turns", "first token", "last token", "turn saved", f"last token / at {runs[0].turns:,} turns"]
+    header = ["turns", "first token", "last token", "turn saved", f"last token / at {runs[0].turns:,} turns",
+              "per token after the first", f"per token / at {runs[0].turns:,} turns"]
     if runs[0].dense:
         header += ["dense, last token", "dense / streaming"]
     repeats = len(base)
     parts += ["", f"One more turn with the memory in RAM, median of {repeats} interleaved rounds", _table(header, rows)]
 
     replies = [t for r in runs for t in [*r.live, *r.dense]]
-    full = sum(len(tokenizer(t.reply, add_special_tokens=False)["input_ids"]) >= max_new_tokens for t in replies)
-    parts.append(f"replies at the {max_new_tokens}-token limit (re-tokenized): {full} of {len(replies)}")
+    full = sum(t.new_tokens >= max_new_tokens for t in replies)
+    parts.append(f"replies at the {max_new_tokens}-token limit: {full} of {len(replies)}")
     return "\n".join(parts)
+
+
+def _ratio(value: float, base: float) -> str:
+    return f"{value / base:.2f}x" if base else "-"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -280,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> str:
          f"adapter: {loaded.adapter or 'none'}; device: {info['device']}; context {engine.max_context():,}"),
         f"chat text: {args.data.name}, {len(distinct):,} distinct (prompt, chosen) pairs",
         "",
-        report(runs, args.max_new_tokens, loaded.tokenizer),
+        report(runs, args.max_new_tokens),
         f"\nwall time: {time.perf_counter() - started:.1f} s (model load {loaded.load_seconds:.1f} s)",
     ])
     print(text)

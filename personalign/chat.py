@@ -69,6 +69,7 @@ class ReplyUpdate:
     stopped: bool = False
     assistant_message_id: int | None = None
     tokens_per_second: float | None = None
+    new_tokens: int | None = None  # on the last update: tokens the model generated for the reply
     status: str = ""  # what is happening before the first token (e.g. a memory being rebuilt)
     meter: MemoryMeter | None = None  # on the last update: what the model holds of the chat
 
@@ -372,6 +373,7 @@ class ChatService:
         yield ReplyUpdate(conversation_id, text, prompt, done=True, stopped=stop.is_set(),
                           assistant_message_id=message_id,
                           tokens_per_second=getattr(stats, "tokens_per_second", None),
+                          new_tokens=getattr(stats, "new_tokens", None),
                           meter=getattr(stats, "memory", None))
 
     def _store_reply(self, user, conversation_id, text, prompt, version_id, mode) -> int | None:

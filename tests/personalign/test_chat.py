@@ -24,6 +24,7 @@ def test_send_streams_and_stores_the_exact_prompt(services):
     texts = [u.text for u in updates[:-1] if u.text]
     assert len(texts) >= 2 and all(b.startswith(a) for a, b in itertools.pairwise(texts))  # cumulative stream
     final = updates[-1]
+    assert len(texts) <= final.new_tokens <= GREEDY.max_new_tokens  # at most one update per token
     turns = services.chat.turns(None, final.conversation_id)
     assert [(t.role, t.content) for t in turns] == [("user", "Why is the sky blue?"), ("assistant", final.text)]
     expected = build_messages("pba", persona.persona, [], "Why is the sky blue?")
