@@ -29,6 +29,10 @@ and a cache whose rule puts it elsewhere says so in ``position_offset``, which
 ``rope_positions`` records the position each cached entry is rotated with now;
 ``kept_positions`` records its absolute index in the whole dialogue token stream.
 
+``feed(model, segments)`` gives the result of prefilling and compressing each segment in turn
+in fewer forwards: an attention mask stands in for the evictions between them (replaying a long
+stored chat). Its layers grow in place (``GrowingLayer``) rather than by concatenation.
+
 The module knows nothing of which entries a policy keeps, of chat templates or of storage.
 """
 
@@ -200,6 +204,47 @@ class Positions:
         return [r if seen - r <= self.max_distance else seen - back for r in rope], seen
 
 
+@dataclass(frozen=True)
+class _Entries:
+    """A compressing cache's bookkeeping without its tensors: what a compress decides from."""
+
+    tokens: tuple[int, ...]  # id of each entry
+    kept: tuple[int, ...]  # absolute dialogue index of each entry
+    rope: tuple[int, ...]  # position each entry is rotated at
+    seen: int  # tokens fed over the whole dialogue
+    offset: int  # the next token's position minus the entry count
+
+    @classmethod
+    def of(cls, cache: MemoryCache) -> _Entries:
+        return cls(tuple(cache._tokens), tuple(cache._kept), tuple(cache._rope), cache._seen, cache._offset)
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One compress after feeding ``new`` on top of some entries, worked out on the bookkeeping alone."""
+
+    keep: list[int]  # indices into (entries + new) that the policy keeps
+    kept: _Entries  # the kept entries, rotated where they were computed (before the rule moves any)
+    start: int  # position of the first new token
+    moves: bool  # whether the position rule then moves kept keys
+
+    @classmethod
+    def after(cls, cache: MemoryCache, entries: _Entries, new: list[int]) -> _Step:
+        tokens = [*entries.tokens, *new]
+        cache.check_tokens(tokens)
+        # New tokens go to consecutive positions from the entry count plus the offset.
+        start = len(entries.rope) + entries.offset
+        absolute = [*entries.kept, *range(entries.seen, entries.seen + len(new))]
+        rope = [*entries.rope, *range(start, start + len(new))]
+        seen = entries.seen + len(new)
+        keep = cache.keep_indices(tokens)
+        kept_rope = [rope[i] for i in keep]
+        targets, next_position = cache.positions.place([absolute[i] for i in keep], kept_rope, seen)
+        kept = _Entries(tuple(tokens[i] for i in keep), tuple(absolute[i] for i in keep), tuple(kept_rope), seen,
+                        next_position - len(targets))
+        return cls(keep, kept, start, targets != kept_rope)
+
+
 class MemoryCache(DynamicCache):
     """A ``DynamicCache`` whose ``compress`` evicts, between turns, to what ``keep_indices`` keeps.
 
@@ -299,22 +344,72 @@ class MemoryCache(DynamicCache):
             raise ValueError(
                 f"cache holds {length} entries but {len(self._tokens)} recorded + {len(new)} new ids were given"
             )
-        tokens = self._tokens + new
-        self.check_tokens(tokens)
-        # New tokens went to consecutive positions from the cache length plus the offset.
-        start = len(self._rope) + self._offset
-        absolute = self._kept + list(range(self._seen, self._seen + len(new)))
-        rope = self._rope + list(range(start, start + len(new)))
-        self._seen += len(new)
-
-        keep = self.keep_indices(tokens)
-        if len(keep) < length:
-            self._select(keep)
-        self._tokens = [tokens[i] for i in keep]
-        self._kept = [absolute[i] for i in keep]
-        self._rope = [rope[i] for i in keep]
-        self._place()
+        step = _Step.after(self, _Entries.of(self), new)
+        if len(step.keep) < length:
+            self._select(step.keep)
+        self._settle(step.kept)
         return list(self._kept)
+
+    def feed(self, model: Any, segments: Sequence[Sequence[int]], *, max_tokens: int = 512) -> None:
+        """Feed ``segments`` as if each were prefilled and then compressed, in as few forwards as stay exact.
+
+        Replaying a stored chat is thousands of such segments (a user's turn, then a reply), and
+        one forward each costs a small model more in fixed overhead than in its tokens. Consecutive
+        segments share one forward of up to ``max_tokens`` tokens whose attention mask lets each
+        token see exactly what the cache held when its segment would have been fed (what the
+        policy's ``keep_indices`` kept at every compress before it) and its own segment's causal
+        prefix, at the positions the rule would have given it. A compress that moves kept keys
+        (the slot rule's every compress, the distance cap's crossings) ends a forward: a key is
+        rotated at one position for every query of a forward. The cache must be compressed.
+        """
+        if self.get_seq_length() != len(self._tokens):
+            raise ValueError("feed needs a compressed cache: call compress() first")
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be a whole number >= 1; got {max_tokens!r}")
+        pending = [[int(t) for t in segment] for segment in segments]
+        while pending:
+            pending = pending[self._feed_together(model, pending, max_tokens):]
+
+    def _feed_together(self, model: Any, segments: list[list[int]], max_tokens: int) -> int:
+        """Feed the first segments that can share one forward; return how many it fed."""
+        past = len(self._tokens)
+        entries = _Entries.of(self)
+        visible = list(range(past))  # cache index of each entry the next segment sees
+        ids: list[int] = []
+        positions: list[int] = []
+        seen_by: list[tuple[list[int], int]] = []  # per segment: the entries it sees, its length
+        count = 0
+        for segment in segments:
+            if ids and len(ids) + len(segment) > max_tokens:
+                break
+            step = _Step.after(self, entries, segment)
+            seen_by.append((visible, len(segment)))
+            held = visible + list(range(past + len(ids), past + len(ids) + len(segment)))  # (entries + segment)
+            visible = [held[i] for i in step.keep]
+            ids += segment
+            positions += range(step.start, step.start + len(segment))
+            entries, count = step.kept, count + 1
+            if step.moves:
+                break
+        if ids:
+            mask = torch.zeros(len(ids), past + len(ids), dtype=torch.bool)  # (T, P+T)
+            row = 0
+            for sees, length in seen_by:
+                mask[row:row + length, torch.as_tensor(sees, dtype=torch.long)] = True
+                causal = torch.ones(length, length, dtype=torch.bool).tril()  # (L, L)
+                mask[row:row + length, past + row:past + row + length] = causal
+                row += length
+            _forward_masked(model, ids, positions, mask, self)
+        if len(visible) < self.get_seq_length():
+            self._select(visible)
+        self._settle(entries)
+        return count
+
+    def _settle(self, entries: _Entries) -> None:
+        """Take on ``entries`` (kept, not yet placed) as the cache's bookkeeping and place its keys."""
+        self._tokens, self._kept, self._rope, self._seen = (list(entries.tokens), list(entries.kept),
+                                                             list(entries.rope), entries.seen)
+        self._place()
 
     def _place(self) -> None:
         """Re-rotate the kept keys to where the position rule puts them, and set the next position."""
@@ -402,6 +497,27 @@ def _compact(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
         return tensor.clone()
     return tensor
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(T, K) boolean mask -> (1, 1, T, K) additive float mask.
+
+    Float rather than boolean because eager attention adds the mask to the scores, while
+    SDPA accepts either; a prepared 4D mask is passed through by transformers' mask builder.
+    """
+    out = torch.zeros(mask.shape, dtype=dtype)
+    out.masked_fill_(~mask, torch.finfo(dtype).min)
+    return out[None, None]  # (T, K) -> (1, 1, T, K)
+
+
+@torch.inference_mode()
+def _forward_masked(model: Any, ids: list[int], positions: list[int], mask: torch.Tensor, cache: MemoryCache) -> None:
+    """Feed ``ids`` at ``positions`` into ``cache``, token i attending to the entries ``mask[i]`` (T, P+T) allows."""
+    dtype = next(model.parameters()).dtype  # the embeddings': the compute dtype, also under 4-bit
+    model(input_ids=torch.tensor([ids], device=model.device),  # (1, T)
+          position_ids=torch.tensor([positions], device=model.device),  # (1, T)
+          attention_mask=additive_mask(mask, dtype).to(model.device),  # (1, 1, T, P+T)
+          past_key_values=cache, use_cache=True, logits_to_keep=1)
 
 
 def close_turn(model: Any, cache: MemoryCache, turn_token_ids: Sequence[int]) -> list[int]:

@@ -28,7 +28,12 @@ from typing import Any
 
 import torch
 
-from personalign.memory_cache import MemoryCache, Positions, close_turn  # noqa: F401  (close_turn is shared)
+from personalign.memory_cache import (  # noqa: F401  (additive_mask and close_turn are shared)
+    MemoryCache,
+    Positions,
+    additive_mask,
+    close_turn,
+)
 
 
 def utterance_index(token_ids: Sequence[int], eou_id: int) -> list[int]:
@@ -61,17 +66,6 @@ def streaming_dialogue_mask(token_ids: Sequence[int], eou_id: int, bos_id: int) 
     if t > 0 and int(ids[0]) == bos_id:
         bos[0] = True
     return causal & (same_or_previous | earlier_eou | bos[None, :])  # (T, T)
-
-
-def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(T, T) boolean mask -> (1, 1, T, T) additive float mask.
-
-    Float rather than boolean because eager attention adds the mask to the scores, while
-    SDPA accepts either; a prepared 4D mask is passed through by transformers' mask builder.
-    """
-    out = torch.zeros(mask.shape, dtype=dtype)
-    out.masked_fill_(~mask, torch.finfo(dtype).min)
-    return out[None, None]  # (T, T) -> (1, 1, T, T)
 
 
 def kept_indices(token_ids: Sequence[int], eou_id: int) -> list[int]:

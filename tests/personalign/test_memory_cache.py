@@ -270,3 +270,61 @@ def test_memory_caches_grow_in_place_and_save_only_their_entries(tiny_llm) -> No
     entries = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in state["layers"])
     stored = sum(k.untyped_storage().nbytes() + v.untyped_storage().nbytes() for k, v in state["layers"])
     assert stored == entries  # torch.save writes whole storages: not the stores' spare room
+
+
+# --- feeding many segments at once ---------------------------------------------------------
+
+
+def _segments() -> list[list[int]]:
+    """A dialogue cut where the app compresses: each utterance's opening part, then the rest with its EoU."""
+    utterances = [[*u, EOU] for u in (random_utterance(20 + i, n) for i, n in enumerate([5, 7, 3, 6, 8, 4, 5]))]
+    utterances[0] = [BOS, *utterances[0]]
+    return [part for u in utterances for part in (u[:2], u[2:])]
+
+
+FEED_CASES = {
+    "dialogue/distance": lambda m: StreamingDialogueCache(EOU, BOS, positions=Positions.for_model("distance", m)),
+    "dialogue/capped": lambda m: StreamingDialogueCache(EOU, BOS, positions=Positions.for_model("distance", m,
+                                                                                                max_distance=12)),
+    "dialogue/compressed": lambda m: StreamingDialogueCache(EOU, BOS),
+    "dialogue/slot": lambda m: StreamingDialogueCache(EOU, BOS, positions=Positions.for_model("slot", m)),
+    "window/slot": lambda m: StreamingLLMCache(StreamingLLMConfig(sink_tokens=1, window=6),
+                                               positions=Positions.for_model("slot", m)),
+    "window/distance": lambda m: StreamingLLMCache(StreamingLLMConfig(sink_tokens=1, window=6),
+                                                   positions=Positions.for_model("distance", m)),
+}
+
+
+@pytest.mark.parametrize("make", FEED_CASES.values(), ids=FEED_CASES.keys())
+def test_feeding_segments_together_equals_feeding_them_one_by_one(tiny_llm, make) -> None:
+    model = tiny_llm.model
+    one_by_one, together = make(model), make(model)
+    for segment in _segments():
+        prefill(model, torch.tensor([segment]), one_by_one)
+        one_by_one.compress(segment)
+    forwards = []
+    hook = model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        together.feed(model, _segments(), max_tokens=24)
+    finally:
+        hook.remove()
+    for name in ("cached_tokens", "kept_positions", "rope_positions", "position_offset", "tokens_seen"):
+        assert getattr(together, name) == getattr(one_by_one, name), name
+    for a, b in zip(together.layers, one_by_one.layers, strict=True):
+        torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=1e-4)
+    token = torch.tensor([[7]])
+    torch.testing.assert_close(decode_one_token(model, token, together), decode_one_token(model, token, one_by_one),
+                               atol=1e-5, rtol=1e-4)
+    # 14 segments, 53 tokens: three forwards within the 24-token budget, more where compresses move kept keys.
+    moving = together.positions.rule == "slot" or together.positions.max_distance is not None
+    assert 3 < len(forwards) < 14 if moving else len(forwards) == 3
+
+
+def test_feed_needs_a_compressed_cache_and_a_token_budget(tiny_llm) -> None:
+    cache = StreamingDialogueCache(EOU, BOS)
+    with pytest.raises(ValueError, match="max_tokens"):
+        cache.feed(tiny_llm.model, _segments(), max_tokens=0)
+    prefill(tiny_llm.model, torch.tensor([[BOS, 5]]), cache)
+    with pytest.raises(ValueError, match="compressed cache"):
+        cache.feed(tiny_llm.model, _segments())
