@@ -9,8 +9,9 @@ import torch
 
 from personalign.engine import Engine
 from personalign.errors import UserError
-from personalign.generation import GenerationConfig, generate_tokens
+from personalign.generation import GenerationConfig, generate_tokens, prefill
 from personalign.memory import (
+    REPLAY_TOKENS,
     TURN_RESERVE,
     ConversationMemory,
     MemoryFileError,
@@ -236,3 +237,41 @@ def test_a_chat_with_more_sinks_than_the_context_has_positions_goes_on(tiny_llm)
     too_long = [{"role": "user", "content": "x" * tiny_llm.context_length}]
     with pytest.raises(UserError, match="span more than the model's context"):
         engine.stream_turn(memory, too_long, GREEDY)
+
+
+def _turn_by_turn(llm, turns, policy) -> ConversationMemory:
+    """The memory as live turns build it: the user's turn, a compress, then the reply and its closing."""
+    memory = ConversationMemory.empty(policy, llm)
+    for messages, reply_text in turns:
+        prompt_ids, _ = memory.turn_prompt(llm, messages)
+        rest = memory.begin_turn(llm, prompt_ids)
+        reply_ids = llm.tokenizer(reply_text, add_special_tokens=False)["input_ids"]
+        prefill(llm.model, torch.tensor([[*rest, *reply_ids]]), memory.cache)
+        memory.end_turn(llm, messages, prompt_ids, reply_ids, reply_text)
+    return memory
+
+
+@pytest.mark.parametrize("policy", [MemoryPolicy.STREAMING_DIALOGUE, MemoryPolicy.STREAMING_LLM])
+def test_a_replay_fed_many_turns_at_a_time_builds_the_memory_turns_build(tiny_llm, policy) -> None:
+    # 80 turns, ~1,300 tokens: several forwards of REPLAY_TOKENS, and past the capped distance (384 here).
+    turns = [*TURNS[:1], *[([{"role": "user", "content": f"Fact {i}: {i * 37 % 101}"}], f"Noted {i}.")
+                           for i in range(79)]]
+    steps = replay(tiny_llm, policy, turns)
+    progress = []
+    while True:
+        try:
+            progress.append(next(steps))
+        except StopIteration as done:
+            replayed = done.value
+            break
+    assert progress == [(n, len(turns)) for n in range(1, len(turns) + 1)]
+    live = _turn_by_turn(tiny_llm, turns, policy)
+    cache, expected = replayed.cache, live.cache
+    assert cache.tokens_seen > REPLAY_TOKENS * 2 and (replayed.anchor, replayed.pending) == (live.anchor, live.pending)
+    if policy is MemoryPolicy.STREAMING_DIALOGUE:
+        assert cache.tokens_seen > cache.positions.max_distance and min(cache.rope_positions) > 0  # sinks moved
+    for name in ("cached_tokens", "kept_positions", "rope_positions", "position_offset"):
+        assert getattr(cache, name) == getattr(expected, name), name
+    for a, b in zip(cache.layers, expected.layers, strict=True):
+        torch.testing.assert_close(a.keys, b.keys, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(a.values, b.values, atol=1e-4, rtol=1e-4)
