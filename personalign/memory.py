@@ -207,6 +207,11 @@ class ConversationMemory:
         policy = MemoryPolicy(policy)
         return cls(policy, loaded.name, new_cache(policy, loaded))
 
+    def snapshot(self) -> ConversationMemory:
+        """A copy to resume from later (answering a turn again), sharing the cache's tensors."""
+        return dataclasses.replace(self, cache=self.cache.snapshot(), anchor=[dict(m) for m in self.anchor],
+                                   pending=list(self.pending))
+
     # --- figures -----------------------------------------------------------------------------
 
     def cached_tokens(self) -> int:

@@ -38,6 +38,7 @@ The module knows nothing of which entries a policy keeps, of chat templates or o
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -93,10 +94,10 @@ class GrowingLayer(DynamicLayer):
     long chat's thousands of sinks that copy, not the small model's step, is what grows with
     the chat. Here a turn's first update copies the kept entries once into a store with
     ``spare`` more slots, and each token after is written into the next slot; ``keys`` and
-    ``values`` stay views of the stores' first entries. Anything that replaces ``keys`` or
-    ``values`` (an eviction, a copy, a move to another device) is adopted at the next update,
-    so the layer never has to be told. Existing entries are never written: a view taken
-    before (an exported state) keeps reading the same values.
+    ``values`` are views of the stores' first entries. Assigning either (an eviction, a move to
+    another device) lets the stores go, and the next update makes new ones, so the layer never
+    has to be told. Existing entries are never written: a view taken before (an exported state,
+    a snapshot) keeps reading the same values.
 
     Where autograd records the cache (a gradient through the keys) it concatenates like
     ``DynamicLayer``, as writing into a tensor saved for backward would break the backward.
@@ -105,9 +106,24 @@ class GrowingLayer(DynamicLayer):
     spare = 256  # slots reserved past the entries: most turns fit in one store
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
         self._stores: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._views: tuple[torch.Tensor, torch.Tensor] | None = None
+        super().__init__(**kwargs)
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return self._keys
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        self._keys, self._stores = value, None  # the stores no longer hold the entries
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self._values
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        self._values, self._stores = value, None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,7 +132,6 @@ class GrowingLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad
                                         or self.keys.requires_grad or self.values.requires_grad):
-            self._stores = self._views = None
             return super().update(key_states, value_states, *args, **kwargs)
         length, new = self.get_seq_length(), key_states.shape[-2]
         if not self._fits(key_states, value_states, length + new):
@@ -124,16 +139,13 @@ class GrowingLayer(DynamicLayer):
         keys, values = self._stores
         keys[..., length:length + new, :] = key_states
         values[..., length:length + new, :] = value_states
-        self.keys, self.values = keys[..., :length + new, :], values[..., :length + new, :]
-        self._views = (self.keys, self.values)
-        return self.keys, self.values
+        self._keys, self._values = keys[..., :length + new, :], values[..., :length + new, :]  # the stores stay
+        return self._keys, self._values
 
     def _fits(self, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> bool:
         """Whether the next entries can go into the current stores."""
-        if self._stores is None or self._views is None:
+        if self._stores is None:
             return False
-        if self._views[0] is not self.keys or self._views[1] is not self.values:
-            return False  # replaced since the last update: the stores no longer hold them
         keys, values = self._stores
         if keys.is_inference() and not torch.is_inference_mode_enabled():
             return False  # a tensor made under inference mode may only be written there
@@ -151,9 +163,15 @@ class GrowingLayer(DynamicLayer):
             stores.append(store)
         self._stores = (stores[0], stores[1])
 
-    def reset(self) -> None:
-        self._stores = self._views = None
-        super().reset()
+    def __copy__(self) -> GrowingLayer:
+        """A layer over the same entries that makes stores of its own at its first update.
+
+        Sharing the stores would let two layers write each other's next slots.
+        """
+        twin = object.__new__(type(self))
+        twin.__dict__.update(self.__dict__)
+        twin._stores = None
+        return twin
 
 
 POSITION_RULES = ("compressed", "slot", "distance")
@@ -330,6 +348,18 @@ class MemoryCache(DynamicCache):
                 if isinstance(tensor, torch.Tensor):
                     total += tensor.numel() * tensor.element_size()
         return total
+
+    def snapshot(self) -> MemoryCache:
+        """A copy sharing this cache's tensors: made at once, whatever the memory's size.
+
+        Sharing is safe because no cached entry is ever written in place: a layer appends past
+        its entries, and eviction and re-rotation make new tensors (``_select``, ``_place``).
+        A deep copy of a 4,000-utterance memory took longer than the turn's first token.
+        """
+        twin = copy.copy(self)
+        twin.layers = [copy.copy(layer) for layer in self.layers]
+        twin._tokens, twin._kept, twin._rope = list(self._tokens), list(self._kept), list(self._rope)
+        return twin
 
     # --- eviction -----------------------------------------------------------------------------
 

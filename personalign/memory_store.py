@@ -13,7 +13,6 @@ It knows storage's typed functions and the engine; it knows nothing of prompts o
 
 from __future__ import annotations
 
-import copy
 import logging
 import threading
 from collections import OrderedDict
@@ -84,7 +83,7 @@ class MemoryStore:
         for candidate in (current, previous):
             if (candidate is not None and candidate.policy is policy and candidate.model_name == weights
                     and at.of(candidate)):
-                return candidate if candidate is current else copy.deepcopy(candidate)
+                return candidate if candidate is current else candidate.snapshot()
         memory = self._from_file(user_id, conversation_id, policy, at, adapter)
         if memory is not None:
             return memory
@@ -100,7 +99,7 @@ class MemoryStore:
     def begin(self, user_id: int, conversation_id: int, memory: ConversationMemory) -> None:
         """Note the memory as it is before a turn, so the turn can be answered again cheaply."""
         with self._lock:
-            self._live[(user_id, conversation_id)] = (memory, copy.deepcopy(memory))
+            self._live[(user_id, conversation_id)] = (memory, memory.snapshot())
             self._live.move_to_end((user_id, conversation_id))
             while len(self._live) > self._capacity:
                 self._live.popitem(last=False)

@@ -328,3 +328,34 @@ def test_feed_needs_a_compressed_cache_and_a_token_budget(tiny_llm) -> None:
     prefill(tiny_llm.model, torch.tensor([[BOS, 5]]), cache)
     with pytest.raises(ValueError, match="compressed cache"):
         cache.feed(tiny_llm.model, _segments())
+
+
+def test_a_snapshot_shares_the_tensors_and_neither_cache_changes_the_other(tiny_llm) -> None:
+    model = tiny_llm.model
+    positions = Positions.for_model("distance", model, max_distance=12)  # turns keys as chats go on
+    cache = _fed(model, _dialogue([5, 6, 4]), positions)
+    snap, reference = cache.snapshot(), copy.deepcopy(cache)
+    assert snap.layers[0].keys.data_ptr() == cache.layers[0].keys.data_ptr()  # nothing copied
+    more = _dialogue([5, 6, 4, 7, 3])[3:]
+    for twin in (cache, snap, reference):  # the original goes on first, then the snapshot, then a deep copy
+        for ids in more:
+            prefill(model, torch.tensor([ids]), twin)
+            twin.compress(ids)
+        decode_one_token(model, torch.tensor([[9]]), twin)
+    for a, b in zip(snap.layers, reference.layers, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    assert snap.rope_positions == reference.rope_positions == cache.rope_positions
+    assert torch.equal(cache.layers[0].keys, reference.layers[0].keys)
+
+
+def test_a_snapshot_and_its_original_decoding_at_once_write_their_own_slots(tiny_llm) -> None:
+    model = tiny_llm.model
+    cache = _fed(model, _dialogue([5, 6]), Positions())
+    decode_one_token(model, torch.tensor([[4]]), cache)  # the layers now append into a store with spare room
+    snap, reference = cache.snapshot(), copy.deepcopy(cache)
+    decode_one_token(model, torch.tensor([[9]]), cache)
+    decode_one_token(model, torch.tensor([[8]]), snap)  # would overwrite the original's slot in a shared store
+    decode_one_token(model, torch.tensor([[9]]), reference)
+    for a, b in zip(cache.layers, reference.layers, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    assert not torch.equal(snap.layers[-1].keys[..., -1, :], cache.layers[-1].keys[..., -1, :])
