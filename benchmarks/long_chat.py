@@ -19,7 +19,8 @@ Per N, a streaming-dialogue chat is measured three ways, each a real ``send`` (g
 ``--max-new-tokens``): *rebuilt*, no memory file yet, so the memory is replayed from the stored
 messages before the reply starts (what a lost or stale file costs); *reopened*, after a restart,
 from the file the rebuilt turn saved; *live*, with the memory in RAM. Times are to the reply's
-first token, to its last, and to the end of the turn (the memory file written). The live turns
+first token, to its last, and to the end of the turn (the memory compressed; its file is written
+after, by the store's writer thread). The live turns
 and a dense chat of the same history (which re-reads the history, trimmed to the context, every
 turn) run interleaved, ``--repeats`` rounds over every N, so their ratios compare like moments.
 The meter rows are the app's own memory meter after the last turn.
@@ -164,10 +165,14 @@ def run(db: Any, services_for: Any, lengths: Sequence[int], pairs: Sequence[tupl
     for r in runs:
         conversation_id = chats[(r.turns, STREAMING)]
         logger.info("%d turns: rebuilding the memory from the stored messages", r.turns)
-        r.rebuilt = timed_send(services_for().chat, conversation_id, next(asks), generation)
+        rebuilding = services_for().chat
+        r.rebuilt = timed_send(rebuilding, conversation_id, next(asks), generation)
         logger.info("%d turns: rebuilt, first token after %.2f s; reopening after a restart", r.turns,
                     r.rebuilt.first_token_s)
-        r.reopened = timed_send(services_for().chat, conversation_id, next(asks), generation)
+        rebuilding.flush_memories()  # as the app's exit waits for its memory files
+        reopening = services_for().chat
+        r.reopened = timed_send(reopening, conversation_id, next(asks), generation)
+        reopening.flush_memories()
         r.file_bytes = sum(f.stat().st_size for f in memory_root.glob(f"*/{conversation_id}.pt"))
     live = services_for().chat  # one app run from here on: memories stay in RAM between turns
     for round_ in range(repeats):
@@ -222,7 +227,7 @@ def report(runs: Sequence[ChatRun], max_new_tokens: int) -> str:
             cells += [_seconds(_median(r.dense, "last_token_s")),
                       f"{_median(r.dense, 'last_token_s') / _median(r.live, 'last_token_s'):.1f}x"]
         rows.append(cells)
-    header = ["turns", "first token", "last token", "turn saved", f"last token / at {runs[0].turns:,} turns",
+    header = ["turns", "first token", "last token", "turn done", f"last token / at {runs[0].turns:,} turns",
               "per token after the first", f"per token / at {runs[0].turns:,} turns"]
     if runs[0].dense:
         header += ["dense, last token", "dense / streaming"]

@@ -174,6 +174,10 @@ class ChatService:
         messages = self._messages(user, history, text, persona_id, Mode(mode), max_new_tokens=0)[0]
         return self._engine.render(messages)
 
+    def flush_memories(self) -> None:
+        """Wait until the memory of every finished turn is written to its file (saving runs after the reply)."""
+        self._memories.flush()
+
     def stop(self, user: str | None) -> None:
         """Stop the user's reply in progress, if any; it is stored as far as it got."""
         self._stops.stop(user)

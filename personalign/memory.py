@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -294,21 +295,21 @@ class ConversationMemory:
 
     def save(self, path: Path) -> int:
         """Write the memory to ``path`` atomically; return the file size in bytes."""
-        state = {
+        return write_memory_file(self.file_state(), path)
+
+    def file_state(self) -> dict[str, Any]:
+        """What ``save`` writes, as it is now: later turns do not change it (no cached entry is
+        ever written in place, and the lists are copies), so it can be written later."""
+        return {
             "format": FILE_FORMAT,
             "policy": self.policy.value,
             "model": self.model_name,
             "cache": self.cache.export_state(),
-            "anchor": self.anchor,
-            "pending": self.pending,
+            "anchor": [dict(m) for m in self.anchor],
+            "pending": list(self.pending),
             "message_count": self.message_count,
             "last_message_id": self.last_message_id,
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)  # a crash mid-write leaves the previous file, never half a file
-        return path.stat().st_size
 
     @classmethod
     def load(cls, path: Path, loaded: LoadedModel, policy: MemoryPolicy | str) -> ConversationMemory:
@@ -335,6 +336,15 @@ class ConversationMemory:
             raise MemoryFileError(f"the saved memory {path.name} is damaged: {exc}") from exc
         _check_shapes(memory, loaded)
         return memory
+
+
+def write_memory_file(state: dict[str, Any], path: Path) -> int:
+    """Write a ``file_state`` to ``path`` atomically; return the file size in bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a crash mid-write leaves the previous file, never half a file
+    return path.stat().st_size
 
 
 def _text_config(model: Any) -> Any:

@@ -11,7 +11,9 @@ from personalign.services import Services, build_services
 def services(tmp_path, tiny_llm) -> Services:
     db = storage.Database.open(tmp_path / "personalign.db")
     engine = Engine(tiny_llm)
-    yield build_services(db, engine)
+    services = build_services(db, engine)
+    yield services
+    services.chat.flush_memories()  # no memory file is written into a closed database
     # The model is shared by the session: take off any persona adapter the test left applied.
     with engine.exclusive():
         pass
