@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from benchmarks.memory_recall import _ints, _table
+from benchmarks.memory_recall import _ints, _model_options, _table
 
 
 def filled(kind: type, config: Any, entries: int, dtype: Any, device: Any, seed: int = 0) -> Any:
@@ -89,13 +89,10 @@ def report(rows: Sequence[tuple[int, float, float]]) -> str:
 def main(argv: Sequence[str] | None = None) -> str:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="embedded")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--quantize", default="auto")
+    _model_options(parser)
     parser.add_argument("--entries", type=_ints, default=(53, 1033, 4033))
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.repeats < 1:
         raise SystemExit("--steps and --repeats must be at least 1")

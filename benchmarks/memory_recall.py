@@ -590,6 +590,14 @@ def report(summary: dict[str, Any]) -> str:
 # --- the edge: arguments ------------------------------------------------------------------------
 
 
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    """--model, --device, --quantize and --threads, as the model benchmarks take them."""
+    parser.add_argument("--model", default="embedded")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--quantize", default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
 def _ints(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in re.split(r"[,\s]+", text.strip()) if v)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.long_chat import DEFAULT_DATA, chat_pairs, cycled
-from benchmarks.memory_recall import _ints, _table
+from benchmarks.memory_recall import _ints, _model_options, _table
 
 
 def replayed(loaded: Any, turns: Sequence[tuple[list[dict], str]], tokens_per_forward: int) -> tuple[Any, float]:
@@ -61,12 +61,9 @@ def run(loaded: Any, lengths: Sequence[int], pairs: Sequence[tuple[str, str]], t
 def main(argv: Sequence[str] | None = None) -> str:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="embedded")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--quantize", default="auto")
+    _model_options(parser)
     parser.add_argument("--turns", type=_ints, default=(100, 500))
     parser.add_argument("--tokens-per-forward", type=int, default=512)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="an AlignX JSON file (prompts, chosen replies)")
     args = parser.parse_args(argv)
     if args.tokens_per_forward < 1:
