@@ -128,8 +128,8 @@ class GrowingLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``key_states``/``value_states`` (B, H, T, D) and return all keys and values (B, H, N+T, D)."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
+        if not self.is_initialized:  # its own first update initialises it (the signature varies by version)
+            return super().update(key_states, value_states, *args, **kwargs)
         if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad
                                         or self.keys.requires_grad or self.values.requires_grad):
             return super().update(key_states, value_states, *args, **kwargs)
