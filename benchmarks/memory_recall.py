@@ -1,7 +1,8 @@
 """Memory recall, KV bytes, per-turn latency and perplexity: dense vs StreamingLLM vs StreamingDialogue.
 
     PYTHONPATH=. python benchmarks/memory_recall.py [--model embedded] [--adapter DIR ...] [--device auto]
-        [--distances 1,10,100] [--trials 3] [--seed 0] [--turns 10,100,1000] [--json out.json]
+        [--distances 1,10,100] [--trials 3] [--seed 0] [--turns 10,100,1000] [--parts long,recall]
+        [--json out.json]
 
 Dialogues are synthetic and deterministic by seed: small-talk filler, with facts stated at
 known utterances ("My sister's name is Clara.", "The locker code is 4721."). A question about
@@ -40,6 +41,7 @@ without truncation, both from the model config and dtype), perplexity of held-ba
 one turn (a user utterance in, a ``--reply-tokens`` greedy reply out; dense re-prefills its whole
 truncated history, the caches prefill only the new utterance and compress), taken side by side,
 alternating policies, so the ratios are fair; absolute times count only on the machine used.
+``--parts`` picks the long dialogue, recall or both; the long dialogue runs first.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ logger = logging.getLogger("memory_recall")
 CANDIDATES = 4  # the true value + 3 distractors
 LEAD = 2  # filler utterances before the oldest fact, so no fact sits right after BOS
 DENSE_RESERVE = 128  # tokens the dense window leaves free for the new turn and its reply
+PARTS = ("long", "recall")  # what a run measures: the long dialogue's sizes and times, recall by distance
 
 
 # --- synthetic dialogues (pure) -----------------------------------------------------------------
@@ -375,7 +378,8 @@ def _cache_policy(label: str, model: Any, make_cache: Callable[[], Any], eou: in
 
 def make_policies(base: Any, tokens: Tokens, context: int, llm: StreamingLLMConfig,
                   trained: Sequence[tuple[str, Any]] = (), dtype: torch.dtype | None = None,
-                  positions: Sequence[str] = ("compressed",), distance_caps: Sequence[int] = ()) -> list[Policy]:
+                  positions: Sequence[str] = ("compressed",), distance_caps: Sequence[int] = (),
+                  app_only: bool = False) -> list[Policy]:
     """dense, then streaming-llm and streaming-dialogue under each position rule in ``positions``.
 
     ``base`` runs every row; each ``(name, model)`` in ``trained`` (a model with a memory
@@ -385,6 +389,9 @@ def make_policies(base: Any, tokens: Tokens, context: int, llm: StreamingLLMConf
     than at the context: every key then sits at most that far back, whatever the dialogue's
     length, so a model trained on sequences that long reads only distances it was trained on.
     (The app caps the distance rule at half a loaded memory adapter's reach: ``memory_reach``.)
+    ``app_only`` keeps, of the streaming-dialogue rows, only the caches the app builds: untrained
+    under each rule, trained at the caps (or under the rules when there is no cap), so that a long
+    probe spends its time on the rows that answer "does the trained app beat the untrained one".
     """
     if not positions or any(rule not in POSITION_RULES for rule in positions):
         raise ValueError(f"positions must be some of {POSITION_RULES}; got {positions!r}")
@@ -393,18 +400,22 @@ def make_policies(base: Any, tokens: Tokens, context: int, llm: StreamingLLMConf
     policies = [Policy("dense", lambda: DenseMemory("dense", base, context, bos, per_token))]
     models = [("", base)] if not trained else [
         (" untrained", base), *((f" trained {name}".rstrip(), model) for name, model in trained)]
-    def dialogue_rows(tag: str, rope: Positions) -> list[Policy]:
+    def dialogue_rows(tag: str, rope: Positions, models: Sequence[tuple[str, Any]]) -> list[Policy]:
         return [_cache_policy(f"streaming-dialogue{name} ({tag})", model,
                               lambda: StreamingDialogueCache(eou, bos, positions=rope), eou) for name, model in models]
 
+    uncapped, capped = models, models
+    if app_only and distance_caps:  # the app caps trained caches only
+        uncapped, capped = models[:1], models[1:]
     for rule in positions:
         tag = f"{rule} pos"
         rope = memory_positions(rule, base, context)  # as the app builds them with no adapter
         policies.append(_cache_policy(f"streaming-llm {llm.sink_tokens}+{llm.window} ({tag})", base,
                                       lambda r=rope: StreamingLLMCache(llm, positions=r), eou))
-        policies += dialogue_rows(tag, rope)
+        policies += dialogue_rows(tag, rope, uncapped)
     for cap in distance_caps:
-        policies += dialogue_rows(f"distance pos, cap {cap}", Positions.for_model("distance", base, max_distance=cap))
+        rope = Positions.for_model("distance", base, max_distance=cap)
+        policies += dialogue_rows(f"distance pos, cap {cap}", rope, capped)
     return policies
 
 
@@ -427,13 +438,21 @@ def _sync() -> None:
 
 
 def run_recall(policies: Sequence[Policy], tokens: Tokens, distances: Sequence[int], trials: int,
-               seed: int, kinds: Sequence[FactType] = FACT_TYPES) -> dict[str, dict[int, list[bool]]]:
+               seed: int, kinds: Sequence[FactType] = FACT_TYPES,
+               seconds: float | None = None) -> dict[str, dict[int, list[bool]]]:
     """For each policy and distance, whether the true value scored highest, one entry per trial.
 
-    The facts asked about are of ``kinds`` (all ten types by default).
+    The facts asked about are of ``kinds`` (all ten types by default). With ``seconds``, no
+    trial is begun that the last one's time says would end past that limit: fewer trials, but
+    every row has the same ones.
     """
     hits: dict[str, dict[int, list[bool]]] = {p.label: {d: [] for d in distances} for p in policies}
+    began, last = time.perf_counter(), 0.0
     for trial in range(trials):
+        if seconds is not None and trial and time.perf_counter() - began + last > seconds:
+            logger.info("recall: stopping after %d of %d trials, at the %.0f s limit", trial, trials, seconds)
+            break
+        trial_start = time.perf_counter()
         dialogue = build_dialogue(seed * 1_000_003 + trial, distances, kinds=kinds)
         encoded = tokens.dialogue(dialogue.utterances)
         for policy in policies:
@@ -446,8 +465,11 @@ def run_recall(policies: Sequence[Policy], tokens: Tokens, distances: Sequence[i
                                                 [tokens.text(" " + c) for c in probe.candidates])
                 hits[policy.label][probe.distance].append(max(range(len(scores)), key=scores.__getitem__)
                                                           == probe.correct)
-            logger.info("recall trial %d/%d, %s: %d utterances in %.1f s", trial + 1, trials, policy.label,
-                        len(encoded), time.perf_counter() - start)
+            # The hits so far go in the log too, so a run cut short by a time limit still tells them.
+            logger.info("recall trial %d/%d, %s: %d utterances in %.1f s; hits so far %s", trial + 1, trials,
+                        policy.label, len(encoded), time.perf_counter() - start,
+                        " ".join(f"d={d}:{sum(h)}/{len(h)}" for d, h in hits[policy.label].items()))
+        last = time.perf_counter() - trial_start
     return hits
 
 
@@ -506,24 +528,31 @@ def run_long(policies: Sequence[Policy], tokens: Tokens, turns: Sequence[int], s
 
 
 def measure(policies: Sequence[Policy], tokens: Tokens, config: BenchConfig) -> dict[str, Any]:
-    """Run recall and the long dialogue; return the figures as JSON-ready dicts (keys: config, recall, long)."""
-    hits = run_recall(policies, tokens, config.distances, config.trials, config.seed)
-    long = run_long(policies, tokens, config.turns, config.seed, config.held_back, config.repeats,
-                    config.reply_tokens)
+    """Run the long dialogue and recall, as ``config.parts`` asks; return the figures as JSON-ready
+    dicts (keys: config, and long and/or recall).
+
+    The long dialogue goes first: it holds the size and latency figures, and recall at far
+    distances is the part a time limit is likeliest to cut short.
+    """
 
     def by_turn(cells: dict[int, Any]) -> dict[str, Any]:
         return {str(t): v for t, v in cells.items()}
 
-    return {
-        "config": asdict(config),
-        "recall": {label: by_turn(cells) for label, cells in hits.items()},
-        "long": {
+    figures: dict[str, Any] = {"config": asdict(config)}
+    if "long" in config.parts:
+        long = run_long(policies, tokens, config.turns, config.seed, config.held_back, config.repeats,
+                        config.reply_tokens)
+        figures["long"] = {
             "kv_bytes": {label: by_turn(cells) for label, cells in long.kv_bytes.items()},
             "dense_untruncated": by_turn(long.dense_untruncated),
             "perplexity": {label: by_turn(cells) for label, cells in long.perplexity.items()},
             "seconds": {label: by_turn(cells) for label, cells in long.seconds.items()},
-        },
-    }
+        }
+    if "recall" in config.parts:
+        hits = run_recall(policies, tokens, config.distances, config.trials, config.seed,
+                          seconds=config.recall_seconds)
+        figures["recall"] = {label: by_turn(cells) for label, cells in hits.items()}
+    return figures
 
 
 # --- reporting --------------------------------------------------------------------------------
@@ -544,13 +573,23 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def report(summary: dict[str, Any]) -> str:
     """The readable tables for ``summary`` (what ``--json`` writes)."""
-    from personalign.evaluation import wilson_interval
-
     head = f"model: {summary['model']} on {summary['device']} ({summary['dtype']}); context {summary['context']}"
     out = [f"{head}; KV {summary['kv_bytes_per_token']} B/token"]
+    if "recall" in summary:
+        out.append(_recall_report(summary))
+    if "long" in summary:
+        out.append(_long_report(summary))
+    return "\n".join(out)
+
+
+def _recall_report(summary: dict[str, Any]) -> str:
+    from personalign.evaluation import wilson_interval
+
+    out = []
     recall = summary["recall"]
     distances = summary["config"]["distances"]
-    out.append(f"\nRecall: multiple choice of {CANDIDATES} (chance 25%), {summary['config']['trials']} trials "
+    trials = max((len(hits) for cells in recall.values() for hits in cells.values()), default=0)
+    out.append(f"\nRecall: multiple choice of {CANDIDATES} (chance 25%), {trials} trials "
                "per cell; accuracy [95% Wilson]")
     rows = []
     for label, cells in recall.items():
@@ -561,7 +600,11 @@ def report(summary: dict[str, Any]) -> str:
             row.append(f"{sum(hits) / len(hits):.2f} [{low:.2f}, {high:.2f}]")
         rows.append(row)
     out.append(_table(["policy", *(f"d={d}" for d in distances)], rows))
+    return "\n".join(out)
 
+
+def _long_report(summary: dict[str, Any]) -> str:
+    out = []
     long = summary["long"]
     turns = summary["config"]["turns"]
     out.append(f"\nKV cache held after N utterances ({summary['dtype']})")
@@ -608,11 +651,19 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
+def _some_of(choices: Sequence[str], text: str) -> tuple[str, ...]:
+    picked = tuple(dict.fromkeys(r for r in re.split(r"[,\s]+", text.strip()) if r))
+    if not picked or any(r not in choices for r in picked):
+        raise argparse.ArgumentTypeError(f"expected some of {', '.join(choices)}; got {text!r}")
+    return picked
+
+
 def _rules(text: str) -> tuple[str, ...]:
-    rules = tuple(dict.fromkeys(r for r in re.split(r"[,\s]+", text.strip()) if r))
-    if not rules or any(r not in POSITION_RULES for r in rules):
-        raise argparse.ArgumentTypeError(f"expected some of {', '.join(POSITION_RULES)}; got {text!r}")
-    return rules
+    return _some_of(POSITION_RULES, text)
+
+
+def _parts(text: str) -> tuple[str, ...]:
+    return _some_of(PARTS, text)
 
 
 @dataclass(frozen=True)
@@ -629,8 +680,12 @@ class BenchConfig:
     sink_tokens: int = 4
     window: int = 256
     positions: tuple[str, ...] = POSITION_RULES
+    parts: tuple[str, ...] = PARTS
+    recall_seconds: float | None = None  # no recall trial is begun that would end past this
 
     def __post_init__(self) -> None:
+        if not self.parts or any(part not in PARTS for part in self.parts):
+            raise ValueError(f"parts must be some of {PARTS}")
         build_dialogue(0, self.distances)  # raises on bad distances
         for name in ("trials", "held_back", "repeats", "reply_tokens", "window"):
             if getattr(self, name) < 1:
@@ -680,12 +735,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--positions", type=_rules, default=POSITION_RULES,
                         help="position rules of the caches, comma-separated: compressed, slot, distance (default: all)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--app-only", action="store_true",
+                        help="with --adapter, only the app's caches: untrained uncapped, trained at the app's cap")
+    parser.add_argument("--parts", type=_parts, default=PARTS,
+                        help="what to measure, comma-separated: long (KV, perplexity, latency), recall (default: both)")
+    parser.add_argument("--recall-seconds", type=float, default=None,
+                        help="begin no recall trial that would end past this many seconds (fewer trials)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     positions = args.positions
     config = BenchConfig(args.distances, args.trials, args.seed, args.turns, args.held_back, args.repeats,
-                         args.reply_tokens, args.sinks, args.window, positions)
+                         args.reply_tokens, args.sinks, args.window, positions, args.parts, args.recall_seconds)
     if args.threads:
         torch.set_num_threads(args.threads)
     if torch.cuda.is_available():
@@ -699,7 +760,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # Under the distance rule, trained rows at the cap the app sets for each adapter too.
     caps = app_distance_caps(base.model, context, [t for _, t in trained]) if "distance" in config.positions else ()
     policies = make_policies(base.model, tokens, context, StreamingLLMConfig(config.sink_tokens, config.window),
-                             [(name, t.model) for name, t in trained], base.dtype, config.positions, caps)
+                             [(name, t.model) for name, t in trained], base.dtype, config.positions, caps,
+                             app_only=args.app_only)
     logger.info("policies: %s", ", ".join(p.label for p in policies))
 
     summary = {

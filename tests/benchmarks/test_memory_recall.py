@@ -235,6 +235,41 @@ def test_end_to_end_on_the_tiny_model(tiny_llm, tokens) -> None:
     assert all(label in text for label in labels) and "d=3" in text and "N=5" in text
 
 
+def test_app_only_keeps_the_caches_the_app_builds(tiny_llm, tokens) -> None:
+    llm = StreamingLLMConfig(sink_tokens=1, window=32)
+    trained = [("", tiny_llm.model)]
+    labels = [p.label for p in mr.make_policies(tiny_llm.model, tokens, 512, llm, trained=trained,
+                                                positions=("distance",), distance_caps=(24,), app_only=True)]
+    assert labels == ["dense", "streaming-llm 1+32 (distance pos)", "streaming-dialogue untrained (distance pos)",
+                      "streaming-dialogue trained (distance pos, cap 24)"]
+    # With no cap the app runs the trained cache under the plain rule, so that row stays.
+    labels = [p.label for p in mr.make_policies(tiny_llm.model, tokens, 512, llm, trained=trained,
+                                                positions=("distance",), app_only=True)]
+    assert labels[2:] == ["streaming-dialogue untrained (distance pos)", "streaming-dialogue trained (distance pos)"]
+
+
+def test_parts_measure_only_what_is_asked(tiny_llm, tokens) -> None:
+    policies = mr.make_policies(tiny_llm.model, tokens, 512, StreamingLLMConfig(sink_tokens=1, window=32))
+    meta = {"model": "tiny", "device": "cpu", "dtype": "float32", "context": 512, "kv_bytes_per_token": 512}
+    for parts, absent in ((("long",), "recall"), (("recall",), "long")):
+        config = mr.BenchConfig(distances=(1,), trials=1, turns=(2,), held_back=1, repeats=1, reply_tokens=2,
+                                sink_tokens=1, window=32, parts=parts)
+        figures = mr.measure(policies, tokens, config)
+        assert parts[0] in figures and absent not in figures
+        text = mr.report(meta | figures)
+        assert ("Recall:" in text) == (parts == ("recall",)) and ("KV cache held" in text) == (parts == ("long",))
+    with pytest.raises(ValueError, match="parts"):
+        mr.BenchConfig(parts=("speed",))
+
+
+def test_a_recall_time_limit_runs_fewer_whole_trials(tiny_llm, tokens) -> None:
+    policies = mr.make_policies(tiny_llm.model, tokens, 512, StreamingLLMConfig(sink_tokens=1, window=32))
+    hits = mr.run_recall(policies, tokens, (1, 3), trials=3, seed=0, seconds=0.0)
+    assert all(len(cells[d]) == 1 for cells in hits.values() for d in (1, 3))  # the first trial always runs
+    hits = mr.run_recall(policies, tokens, (1, 3), trials=3, seed=0, seconds=600.0)
+    assert all(len(cells[d]) == 3 for cells in hits.values() for d in (1, 3))
+
+
 def test_app_distance_caps_are_the_caps_the_app_puts_on_each_adapter(tiny_llm) -> None:
     import dataclasses
 
