@@ -9,7 +9,9 @@ them. transformers' ``DynamicLayer`` concatenates at every step, copying all of 
 ``memory_cache.GrowingLayer`` writes each token into spare room. Per entry count, both caches are
 filled with the same random keys and values (a step's cost does not depend on them), made compact
 as an eviction leaves them, then ``--steps`` tokens are decoded, alternately, ``--repeats`` times;
-the medians are reported. The default counts are the memories of the long-chat benchmark
+the medians are reported. A third column decodes on the growing cache through ``graph_decode``'s
+slot steps, replayed from a captured CUDA graph on CUDA (the app's path there; elsewhere they run
+eagerly over the padded buffer, which only costs). The default counts are the memories of the long-chat benchmark
 (``long_chat.py``) at 10, 500 and 2,000 turns.
 """
 
@@ -60,30 +62,54 @@ def step_seconds(model: Any, cache: Any, steps: int) -> float:
     return (time.perf_counter() - started) / steps
 
 
-def run(model: Any, dtype: Any, entries: Sequence[int], steps: int, repeats: int) -> list[tuple[int, float, float]]:
-    """(entries, median seconds per step concatenating, growing) per entry count; ``dtype``: the caches'."""
+def graph_step_seconds(decoder: Any, cache: Any, steps: int) -> float:
+    """Seconds per decode step, over ``steps`` slot steps of ``decoder`` on top of ``cache``."""
+    import torch
+
+    token = torch.tensor([[42]], device=cache.layers[0].keys.device)  # (1, 1)
+    synchronize = torch.cuda.synchronize if token.device.type == "cuda" else (lambda: None)
+    run = decoder.begin(cache, steps)
+    synchronize()
+    started = time.perf_counter()
+    for _ in range(steps):
+        run.step(token)
+    synchronize()
+    return (time.perf_counter() - started) / steps
+
+
+def run(model: Any, dtype: Any, entries: Sequence[int], steps: int,
+        repeats: int) -> list[tuple[int, float, float, float]]:
+    """(entries, median seconds per step concatenating, growing, graph-replayed) per entry count;
+    ``dtype``: the caches'."""
     from transformers import DynamicCache
 
+    from personalign.graph_decode import GraphDecoder
     from personalign.memory_cache import MemoryCache
 
+    decoder = GraphDecoder(model, capture=model.device.type == "cuda")
     rows = []
     for n in entries:
-        times: dict[type, list[float]] = {DynamicCache: [], MemoryCache: []}
-        for repeat in range(repeats + 1):  # the first round warms up and is dropped
+        times: dict[str, list[float]] = {"concatenating": [], "growing": [], "graph": []}
+        for repeat in range(repeats + 1):  # the first round warms up (and captures) and is dropped
             for kind, seen in times.items():
-                seconds = step_seconds(model, filled(kind, model.config, n, dtype, model.device, repeat), steps)
+                cache = filled(DynamicCache if kind == "concatenating" else MemoryCache, model.config, n, dtype,
+                               model.device, repeat)
+                seconds = (graph_step_seconds(decoder, cache, steps) if kind == "graph"
+                           else step_seconds(model, cache, steps))
                 if repeat:
                     seen.append(seconds)
-        rows.append((n, statistics.median(times[DynamicCache]), statistics.median(times[MemoryCache])))
+        rows.append((n, *(statistics.median(times[kind]) for kind in ("concatenating", "growing", "graph"))))
     return rows
 
 
-def report(rows: Sequence[tuple[int, float, float]]) -> str:
+def report(rows: Sequence[tuple[int, float, float, float]]) -> str:
     base = rows[0][2]
-    cells = [[f"{n:,}", f"{plain * 1000:.2f} ms", f"{growing * 1000:.2f} ms", f"{plain / growing:.2f}x",
-              f"{growing / base:.2f}x"] for n, plain, growing in rows]
+    cells = [[f"{n:,}", f"{plain * 1000:.2f} ms", f"{growing * 1000:.2f} ms", f"{graph * 1000:.2f} ms",
+              f"{plain / growing:.2f}x", f"{growing / base:.2f}x", f"{growing / graph:.2f}x", f"{1 / graph:,.0f}"]
+             for n, plain, growing, graph in rows]
     return _table(["entries per layer", "DynamicLayer (concatenates)", "GrowingLayer (in place)",
-                   "concatenating / growing", f"growing / at {rows[0][0]:,}"], cells)
+                   "slot steps (graph on CUDA)", "concatenating / growing", f"growing / at {rows[0][0]:,}",
+                   "growing / graph", "graph tok/s"], cells)
 
 
 def main(argv: Sequence[str] | None = None) -> str:

@@ -6,8 +6,10 @@
 # Steps, in the order given:
 #   long-bf16, long-nf4     KV bytes, perplexity and the time of one turn at turns 10/100/1000, dense vs
 #                           streaming-llm vs StreamingDialogue (memory_recall.py --parts long)
-#   speed-bf16, speed-nf4   the engine's decode speed beside plain HF generate (generation_speed.py)
-#   decode-bf16, decode-nf4 one decode step on a memory of 53 / 1,033 / 4,033 entries (decode_step.py)
+#   speed-bf16, speed-nf4   the engine's decode speed, CUDA graph steps and step by step, beside plain HF
+#                           generate (generation_speed.py)
+#   decode-bf16, decode-nf4 one decode step on a memory of 53 / 1,033 / 4,033 entries, eager and replayed
+#                           from a CUDA graph (decode_step.py)
 #   train                   train-memory's recall recipe, timed: --data recall-near, then recall-far from it
 #                           (recall_transfer.py runs the same dialogues through the same trainer without the
 #                           CLI's storage dependencies, which that machine lacks); adapters to $ADAPTERS
@@ -44,10 +46,10 @@ mkdir -p "$out" "$adapters"
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}. HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 
-turns=10,100,1000 repeats=5 held_back=8 tokens=128 runs=3 entries=53,1033,4033 dsteps=32
+turns=10,100,1000 repeats=5 held_back=8 tokens=128 runs=3 entries=53,1033,4033 dsteps=32 drepeats=3
 distances=1,10,100,1000 trials=8 train=()
 if [ "${SMOKE:-0}" = 1 ]; then
-  turns=2,3 repeats=1 held_back=1 tokens=4 runs=1 entries=5 dsteps=1 distances=1 trials=2
+  turns=2,3 repeats=1 held_back=1 tokens=4 runs=1 entries=5 dsteps=1 drepeats=1 distances=1 trials=2
   train=(--dialogues 8 --steps 1)
 fi
 
@@ -76,7 +78,7 @@ for s in "${steps[@]}"; do
     speed-*) step "$s" 60 "$py" benchmarks/generation_speed.py --model "$model" --device "$device" --quantize "$q" \
                --tokens "$tokens" --runs "$runs" ;;
     decode-*) step "$s" 45 "$py" benchmarks/decode_step.py --model "$model" --device "$device" --quantize "$q" \
-                --entries "$entries" --steps "$dsteps" ;;
+                --entries "$entries" --steps "$dsteps" --repeats "$drepeats" ;;
     train)
       step train-near 120 "$py" benchmarks/recall_transfer.py --model "$model" --device "$device" \
         --train-types none --more-types --loss-on replies --out "$adapters/recall-near" --no-recall \

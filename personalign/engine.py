@@ -77,8 +77,9 @@ class TokenStream(Iterator[str]):
 class Engine:
     """Chat over one ``LoadedModel``; safe to share between threads."""
 
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, *, cuda_graphs: bool = True) -> None:
         self.loaded = loaded
+        self.cuda_graphs = cuda_graphs  # replay decode steps from CUDA graphs (graph_decode); CUDA only
         # A plain Lock, not an RLock: servers such as Gradio may advance one stream
         # from different worker threads, and only a Lock may be released by another thread.
         self._lock = threading.Lock()
@@ -254,12 +255,13 @@ class Engine:
         completed = False
         text = TextAccumulator(loaded.tokenizer)
         shown = ""
+        tokens: Generator[int, None, None] | None = None
         try:
             feed, cache = ids, None
             if memory is not None:
                 feed, cache = memory.begin_turn(loaded, ids), memory.cache
             input_ids = torch.tensor([feed], dtype=torch.long, device=loaded.device)  # (1, T)
-            for token_id in generate_tokens(
+            tokens = generate_tokens(
                 loaded.model,
                 input_ids,
                 config,
@@ -268,7 +270,9 @@ class Engine:
                 should_stop=should_stop,
                 unconditioned_ids=None if unconditioned_ids is None else torch.tensor([unconditioned_ids],
                                                                                       device=loaded.device),
-            ):
+                graphs=self.cuda_graphs,
+            )
+            for token_id in tokens:
                 new_tokens += 1
                 if new_tokens == 1:
                     first_token_at = time.perf_counter()
@@ -278,6 +282,8 @@ class Engine:
                     yield update
             completed = True
         finally:
+            if tokens is not None:
+                tokens.close()  # the decode loop leaves the cache complete only once it is closed
             meter = None
             if memory is not None:
                 meter = self._close_turn(memory, messages or [], ids, text.token_ids, shown)

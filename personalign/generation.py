@@ -11,12 +11,17 @@ the prompt with and without the persona side by side, lives in ``guidance``;
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from personalign.graph_decode import DecodeRun, graph_decoder
+
+log = logging.getLogger(__name__)
 
 REPLACEMENT_CHAR = "\ufffd"
 _NUCLEUS_WINDOW = 64  # first top-k window searched for the top-p nucleus
@@ -177,7 +182,8 @@ def generate_tokens(
     cache: Any = None,
     should_stop: Callable[[], bool] | None = None,
     unconditioned_ids: torch.Tensor | None = None,
-) -> Iterator[int]:
+    graphs: bool = True,
+) -> Generator[int, None, None]:
     """Yield new token ids one by one for a single prompt.
 
     Ends at a stop token (not yielded), after ``config.max_new_tokens`` tokens, or when
@@ -187,6 +193,9 @@ def generate_tokens(
     unconditioned_ids: the same conversation's prompt without the persona, (T',) or (1, T');
     with ``config.persona_strength > 0`` decoding is persona-guided (see ``guidance``),
     otherwise it is ignored.
+    On CUDA the decode steps are replayed from a captured graph (``graph_decode``) unless
+    ``graphs`` is false; ``cache`` ends the same either way once the iterator is exhausted or
+    closed, so a caller that goes on with it (a streaming memory) closes the iterator first.
     """
     if unconditioned_ids is not None and config.persona_strength > 0:
         if cache is not None:
@@ -203,12 +212,41 @@ def generate_tokens(
         )
     input_ids = prompt_tensor(input_ids, model.device)
     cache = new_cache(model) if cache is None else cache
+    decoder = graph_decoder(model) if graphs else None
+    run: DecodeRun | None = None
 
     def next_logits(token: torch.Tensor | None) -> torch.Tensor:
-        return prefill(model, input_ids, cache) if token is None else decode_one_token(model, token, cache)
+        nonlocal run
+        if token is None:
+            logits = prefill(model, input_ids, cache)
+            if decoder is not None:
+                run = decoder.begin(cache, config.max_new_tokens)
+            return logits
+        if run is not None:
+            try:
+                return run.step(token)
+            except Exception:  # a model whose step cannot be captured decodes as it always did
+                log.warning("CUDA graph decoding failed; decoding step by step from here", exc_info=True)
+                decoder.broken = True
+                run.finish()
+                run = None
+        return decode_one_token(model, token, cache)
+
+    def finish() -> None:
+        if run is not None:
+            run.finish()
 
     # Checks above run at call time; the loop below runs lazily as tokens are asked for.
-    return token_loop(next_logits, config, stop_token_ids=stop_token_ids, device=model.device, should_stop=should_stop)
+    loop = token_loop(next_logits, config, stop_token_ids=stop_token_ids, device=model.device, should_stop=should_stop)
+    return _then(loop, finish)
+
+
+def _then(tokens: Iterator[int], finish: Callable[[], None]) -> Generator[int, None, None]:
+    """``tokens``, then ``finish()`` once they end, fail or are closed."""
+    try:
+        yield from tokens
+    finally:
+        finish()
 
 
 def token_loop(
@@ -218,7 +256,7 @@ def token_loop(
     stop_token_ids: Collection[int],
     device: torch.device,
     should_stop: Callable[[], bool] | None = None,
-) -> Iterator[int]:
+) -> Generator[int, None, None]:
     """The sampling loop shared by plain and guided decoding, lazily yielding token ids.
 
     ``next_logits(None)`` runs the prefill; ``next_logits(token)`` feeds the token just
@@ -236,7 +274,7 @@ def _token_loop(
     stop: frozenset[int],
     generator: torch.Generator | None,
     should_stop: Callable[[], bool] | None,
-) -> Iterator[int]:
+) -> Generator[int, None, None]:
     token = None
     for _ in range(config.max_new_tokens):
         if should_stop is not None and should_stop():

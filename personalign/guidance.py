@@ -23,7 +23,7 @@ This module knows nothing of prompts, personas or tokenizers: it receives token 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Generator, Sequence
 from typing import Any
 
 import torch
@@ -119,7 +119,7 @@ def generate_guided_tokens(
     *,
     stop_token_ids: Collection[int],
     should_stop: Callable[[], bool] | None = None,
-) -> Iterator[int]:
+) -> Generator[int, None, None]:
     """Yield persona-guided token ids with ``config.persona_strength`` as gamma.
 
     input_ids: the prompt with the persona, (T,) or (1, T); unconditioned_ids: the same

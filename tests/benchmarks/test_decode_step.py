@@ -26,4 +26,14 @@ def test_the_report_has_a_row_per_entry_count(tiny_folder, capsys) -> None:
                     "--repeats", "1", "--threads", "1"])
     assert text in capsys.readouterr().out and "command: benchmarks/decode_step.py --model" in text
     for n in (4, 20):
-        assert re.search(rf"^{n}\s+[\d.]+ ms\s+[\d.]+ ms\s+[\d.]+x\s+[\d.]+x$", text, re.MULTILINE)
+        assert re.search(rf"^{n}\s+[\d.]+ ms\s+[\d.]+ ms\s+[\d.]+ ms\s+[\d.]+x\s+[\d.]+x\s+[\d.]+x\s+[\d,]+$",
+                         text, re.MULTILINE)
+
+
+def test_graph_steps_on_a_filled_memory_feed_one_slot_each(tiny_llm) -> None:
+    from personalign.graph_decode import GraphDecoder
+
+    cache = ds.filled(MemoryCache, tiny_llm.model.config, 7, torch.float32, "cpu")
+    decoder = GraphDecoder(tiny_llm.model, capture=False)
+    assert ds.graph_step_seconds(decoder, cache, 3) > 0
+    assert cache.get_seq_length() == 7  # the run is timed, not finished: the memory is left as it was
