@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from personalign import graph_decode
 from personalign.errors import UserError
 from personalign.models import LoadedModel, ModelLoadError, check_adapter_fits
 
@@ -83,6 +84,7 @@ class AdapterSlot:
             raise AdapterError(f"The persona's adapter in {adapter.name} cannot be applied: {exc}. "
                                "Tune the persona again, or remove its adapter.") from exc
         self._base.model.eval()
+        graph_decode.forget(self._base.model)
         self._applied = adapter
         log.info("applied persona adapter %s", adapter.name)
 
@@ -90,6 +92,7 @@ class AdapterSlot:
         if self._wrapper is None:
             return
         self._wrapper.unload()  # the original modules go back; loaded.model is itself again
+        graph_decode.forget(self._base.model)
         for name, p in self._base.model.named_parameters():
             p.requires_grad_(self._requires_grad.get(name, p.requires_grad))
         self._wrapper, self._applied = None, None

@@ -170,7 +170,8 @@ class GraphDecoder:
     """Slot steps for one model, one per buffer size, the newest ``KEPT_GRAPHS`` kept.
 
     A captured graph reads the weights at the addresses they had when it was captured, so
-    the steps are dropped whenever any parameter has moved (an adapter swapped in, say).
+    the steps are dropped whenever any parameter has moved (the model moved, say); a change of
+    modules is told with ``forget`` (``adapter_slot`` does so at every swap).
     """
 
     def __init__(self, model: Any, capture: bool) -> None:
@@ -203,6 +204,12 @@ class GraphDecoder:
 
 
 _decoders: weakref.WeakKeyDictionary[Any, GraphDecoder] = weakref.WeakKeyDictionary()
+
+
+def forget(model: Any) -> None:
+    """Drop ``model``'s captured graphs: its modules changed (a LoRA swapped in or out), and a graph
+    replays the kernels of the modules it was captured through."""
+    _decoders.pop(model, None)
 
 
 def graph_decoder(model: Any) -> GraphDecoder | None:

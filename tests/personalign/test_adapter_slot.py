@@ -68,6 +68,19 @@ def test_use_applies_swaps_and_removes_without_a_trace(llm, adapters) -> None:
     assert torch.allclose(_logits(llm), logits_a)
 
 
+def test_every_swap_drops_the_models_captured_graphs(llm, adapters, monkeypatch) -> None:
+    from personalign import graph_decode
+
+    dropped = []
+    monkeypatch.setattr(graph_decode, "forget", lambda model: dropped.append(model))
+    slot = AdapterSlot(llm)
+    slot.use(adapters[0])
+    slot.use(adapters[1])  # off with the one, on with the other
+    slot.use(adapters[1])  # no swap
+    slot.use(None)
+    assert dropped == [llm.model] * 4
+
+
 def test_the_same_adapter_twice_is_not_applied_again(llm, adapters) -> None:
     slot = AdapterSlot(llm)
     slot.use(adapters[0])

@@ -132,6 +132,15 @@ def test_no_graph_decoder_off_cuda(tiny_llm) -> None:
     assert graph_decoder(tiny_llm.model) is None
 
 
+def test_forget_drops_a_models_decoder(tiny_llm) -> None:
+    from personalign import graph_decode
+
+    graph_decode._decoders[tiny_llm.model] = GraphDecoder(tiny_llm.model, capture=False)
+    graph_decode.forget(tiny_llm.model)
+    graph_decode.forget(tiny_llm.model)  # nothing left to drop: no error
+    assert tiny_llm.model not in graph_decode._decoders
+
+
 def test_generate_tokens_through_the_slots_and_back_after_a_failure(tiny_llm, monkeypatch, caplog) -> None:
     model, prompt = tiny_llm.model, torch.tensor([random_utterance(5, 8)])
     stops = tiny_llm.stop_token_ids
