@@ -185,3 +185,29 @@ def test_captured_steps_decode_like_plain_steps_on_cuda(tiny_llm) -> None:
         assert _decode(model, new_cache(model), prompt, 16, GraphDecoder(model, capture=True)) == plain
     finally:
         model.to("cpu")
+
+
+@pytest.mark.parametrize("policy", ["streaming-dialogue", "streaming-llm"])
+def test_engine_turns_through_the_slots_leave_the_memory_step_by_step_turns_leave(tiny_llm, monkeypatch,
+                                                                                  policy) -> None:
+    from personalign.engine import Engine
+
+    turns = ["My code is 4721", "What is it?", "And again?"]
+    config = GenerationConfig(max_new_tokens=12, temperature=0)
+
+    def chat(engine: Engine) -> tuple[list[str], object]:
+        memory, replies = engine.empty_memory(policy), []
+        for text in turns:
+            stream = engine.stream_turn(memory, [{"role": "user", "content": text}], config)
+            replies.append(list(stream)[-1])
+        return replies, memory.cache
+
+    plain_replies, plain = chat(Engine(tiny_llm))
+    decoder = GraphDecoder(tiny_llm.model, capture=False)
+    monkeypatch.setattr(generation, "graph_decoder", lambda m: decoder)
+    replies, ours = chat(Engine(tiny_llm))
+    assert replies == plain_replies
+    assert decoder._steps  # the slots were used
+    assert ours.cached_tokens == plain.cached_tokens and ours.rope_positions == plain.rope_positions
+    for a, b in zip(ours.layers, plain.layers):
+        torch.testing.assert_close(a.keys, b.keys, rtol=1e-4, atol=1e-5)
