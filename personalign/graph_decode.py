@@ -19,6 +19,7 @@ is how the CPU tests check them against the plain loop.
 from __future__ import annotations
 
 import logging
+import threading
 import weakref
 from typing import Any
 
@@ -108,6 +109,7 @@ class SlotSteps:
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.logits = self._forward()
         self.graph = graph
+        log.info("captured a CUDA graph of one decode step over %d slots", self.capacity)
 
     @torch.inference_mode()
     def load(self, cache: Any) -> int:
@@ -203,13 +205,17 @@ class GraphDecoder:
         return DecodeRun(steps, cache)
 
 
+# One decoder per model, shared by whoever decodes on it; its runs must not overlap, which the
+# engine's lock ensures (one reply at a time per model). The lock guards only the table.
 _decoders: weakref.WeakKeyDictionary[Any, GraphDecoder] = weakref.WeakKeyDictionary()
+_decoders_lock = threading.Lock()
 
 
 def forget(model: Any) -> None:
     """Drop ``model``'s captured graphs: its modules changed (a LoRA swapped in or out), and a graph
     replays the kernels of the modules it was captured through."""
-    _decoders.pop(model, None)
+    with _decoders_lock:
+        _decoders.pop(model, None)
 
 
 def graph_decoder(model: Any) -> GraphDecoder | None:
@@ -218,7 +224,8 @@ def graph_decoder(model: Any) -> GraphDecoder | None:
         return None
     if getattr(model.config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
         return None
-    decoder = _decoders.get(model)
-    if decoder is None:
-        decoder = _decoders[model] = GraphDecoder(model, capture=True)
-    return decoder
+    with _decoders_lock:
+        decoder = _decoders.get(model)
+        if decoder is None:
+            decoder = _decoders[model] = GraphDecoder(model, capture=True)
+        return decoder
