@@ -39,7 +39,8 @@ Beside recall, a single long dialogue is fed to every policy in lockstep and mea
 without truncation, both from the model config and dtype), perplexity of held-back utterances
 (scored as the next utterance, never fed), and, at the first and last checkpoint, the time of
 one turn (a user utterance in, a ``--reply-tokens`` greedy reply out; dense re-prefills its whole
-truncated history, the caches prefill only the new utterance and compress), taken side by side,
+truncated history, the caches prefill only the new utterance and compress; the reply decodes
+as the app's does, from CUDA graph steps on CUDA), taken side by side,
 alternating policies, so the ratios are fair; absolute times count only on the machine used.
 ``--parts`` picks the long dialogue, recall or both; the long dialogue runs first.
 """
@@ -68,6 +69,7 @@ from personalign.generation import (
     position_ids_after,
     prefill,
 )
+from personalign.graph_decode import graph_decoder
 from personalign.memory import kv_bytes_per_token, memory_positions, memory_reach
 from personalign.memory_cache import POSITION_RULES, Positions
 from personalign.recall_dialogues import FactType, filler_utterance
@@ -227,12 +229,19 @@ def continuation_logprobs(
 
 @torch.inference_mode()
 def _reply(model: Any, logits: torch.Tensor, cache: Any, tokens: int) -> list[int]:
-    """Greedy-decode ``tokens`` tokens (stop tokens ignored: a fixed amount of work), feeding each."""
+    """Greedy-decode ``tokens`` tokens (stop tokens ignored: a fixed amount of work), feeding each,
+    as the app decodes: on CUDA through ``graph_decode``'s captured steps."""
+    decoder = graph_decoder(model)
+    run = decoder.begin(cache, tokens) if decoder is not None else None
     reply = []
-    for _ in range(tokens):
-        token = logits.argmax(dim=-1, keepdim=True)  # (1, V) -> (1, 1)
-        reply.append(int(token))
-        logits = decode_one_token(model, token, cache)  # (1, V)
+    try:
+        for _ in range(tokens):
+            token = logits.argmax(dim=-1, keepdim=True)  # (1, V) -> (1, 1)
+            reply.append(int(token))
+            logits = run.step(token) if run is not None else decode_one_token(model, token, cache)  # (1, V)
+    finally:
+        if run is not None:
+            run.finish()
     return reply
 
 

@@ -278,3 +278,15 @@ def test_app_distance_caps_are_the_caps_the_app_puts_on_each_adapter(tiny_llm) -
     assert mr.app_distance_caps(tiny_llm.model, 512, [far, near, far]) == (30, 50)  # half of each reach, once
     assert mr.app_distance_caps(tiny_llm.model, 512, [tiny_llm]) == ()  # no adapter: the plain rows are the app's
     assert mr.app_distance_caps(tiny_llm.model, 512, []) == ()
+
+
+def test_a_reply_decodes_alike_through_the_slot_steps(tiny_llm, tokens, monkeypatch) -> None:
+    from personalign.graph_decode import GraphDecoder
+
+    model = tiny_llm.model
+    caches = [new_cache(model), new_cache(model)]
+    ids = torch.tensor([tokens.utterance("Tell me something.")])
+    plain = mr._reply(model, prefill(model, ids, caches[0]), caches[0], 6)
+    monkeypatch.setattr(mr, "graph_decoder", lambda m: GraphDecoder(m, capture=False))
+    assert mr._reply(model, prefill(model, ids, caches[1]), caches[1], 6) == plain
+    assert caches[1].get_seq_length() == caches[0].get_seq_length()  # every token fed, as before
