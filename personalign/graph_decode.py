@@ -2,7 +2,7 @@
 
 On a GPU a small model's decode step is bound by launching its kernels and by the Python
 around them, not by arithmetic: the embedded model took 17-23 ms a step on an H200 whatever
-its cache held (benchmarks/RESULTS.md). A CUDA graph replays a captured step's ~600 kernels
+its cache held (benchmarks/RESULTS.md). A CUDA graph replays a captured step's ~1,100 kernels
 with one launch. A graph needs fixed shapes and fixed addresses, so the steps run over a
 ``SlotCache``: per layer one (1, H, C, D) buffer of C slots, each step writing its token's key
 and value into the next slot and attending to all C under a 4D mask that opens one slot more
