@@ -64,12 +64,11 @@ from typing import Any
 import torch
 
 from personalign.generation import (
-    decode_one_token,
+    DecodeSteps,
     new_cache,
     position_ids_after,
     prefill,
 )
-from personalign.graph_decode import graph_decoder
 from personalign.memory import kv_bytes_per_token, memory_positions, memory_reach
 from personalign.memory_cache import POSITION_RULES, Positions
 from personalign.recall_dialogues import FactType, filler_utterance
@@ -231,17 +230,15 @@ def continuation_logprobs(
 def _reply(model: Any, logits: torch.Tensor, cache: Any, tokens: int) -> list[int]:
     """Greedy-decode ``tokens`` tokens (stop tokens ignored: a fixed amount of work), feeding each,
     as the app decodes: on CUDA through ``graph_decode``'s captured steps."""
-    decoder = graph_decoder(model)
-    run = decoder.begin(cache, tokens) if decoder is not None else None
+    steps = DecodeSteps(model, cache, tokens)
     reply = []
     try:
         for _ in range(tokens):
             token = logits.argmax(dim=-1, keepdim=True)  # (1, V) -> (1, 1)
             reply.append(int(token))
-            logits = run.step(token) if run is not None else decode_one_token(model, token, cache)  # (1, V)
+            logits = steps(token)  # (1, V)
     finally:
-        if run is not None:
-            run.finish()
+        steps.finish()
     return reply
 
 

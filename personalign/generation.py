@@ -212,29 +212,19 @@ def generate_tokens(
         )
     input_ids = prompt_tensor(input_ids, model.device)
     cache = new_cache(model) if cache is None else cache
-    decoder = graph_decoder(model) if graphs else None
-    run: DecodeRun | None = None
+    steps: DecodeSteps | None = None
 
     def next_logits(token: torch.Tensor | None) -> torch.Tensor:
-        nonlocal run
+        nonlocal steps
         if token is None:
             logits = prefill(model, input_ids, cache)
-            if decoder is not None:
-                run = decoder.begin(cache, config.max_new_tokens)
+            steps = DecodeSteps(model, cache, config.max_new_tokens, graphs=graphs)
             return logits
-        if run is not None:
-            try:
-                return run.step(token)
-            except Exception:  # a model whose step cannot be captured decodes as it always did
-                log.warning("CUDA graph decoding failed; decoding step by step from here", exc_info=True)
-                decoder.broken = True
-                run.finish()
-                run = None
-        return decode_one_token(model, token, cache)
+        return steps(token)
 
     def finish() -> None:
-        if run is not None:
-            run.finish()
+        if steps is not None:
+            steps.finish()
 
     # Checks above run at call time; the loop below runs lazily as tokens are asked for.
     loop = token_loop(next_logits, config, stop_token_ids=stop_token_ids, device=model.device, should_stop=should_stop)
@@ -247,6 +237,38 @@ def _then(tokens: Iterator[int], finish: Callable[[], None]) -> Generator[int, N
         yield from tokens
     finally:
         finish()
+
+
+class DecodeSteps:
+    """Feeds each chosen token into a prefilled ``cache``, with room for ``max_new_tokens``.
+
+    On CUDA the steps are replayed from a captured graph (``graph_decode``), where it can stand
+    in for step-by-step decoding and unless ``graphs`` is false; a capture that fails falls back to
+    step by step for good. ``finish()`` leaves ``cache`` as step-by-step decoding would have.
+    """
+
+    def __init__(self, model: Any, cache: Any, max_new_tokens: int, *, graphs: bool = True) -> None:
+        self.model, self.cache = model, cache
+        self._decoder = graph_decoder(model) if graphs else None
+        self._run: DecodeRun | None = None
+        if self._decoder is not None:
+            self._run = self._decoder.begin(cache, max_new_tokens)
+
+    def __call__(self, token: torch.Tensor) -> torch.Tensor:
+        """token: (1, 1) -> next-token logits: (1, V)."""
+        if self._run is not None:
+            try:
+                return self._run.step(token)
+            except Exception:  # a model whose step cannot be captured decodes as it always did
+                log.warning("CUDA graph decoding failed; decoding step by step from here", exc_info=True)
+                self._decoder.broken = True
+                self.finish()
+                self._run = None
+        return decode_one_token(self.model, token, self.cache)
+
+    def finish(self) -> None:
+        if self._run is not None:
+            self._run.finish()
 
 
 def token_loop(

@@ -287,6 +287,8 @@ def test_a_reply_decodes_alike_through_the_slot_steps(tiny_llm, tokens, monkeypa
     caches = [new_cache(model), new_cache(model)]
     ids = torch.tensor([tokens.utterance("Tell me something.")])
     plain = mr._reply(model, prefill(model, ids, caches[0]), caches[0], 6)
-    monkeypatch.setattr(mr, "graph_decoder", lambda m: GraphDecoder(m, capture=False))
+    from personalign import generation
+
+    monkeypatch.setattr(generation, "graph_decoder", lambda m: GraphDecoder(m, capture=False))
     assert mr._reply(model, prefill(model, ids, caches[1]), caches[1], 6) == plain
     assert caches[1].get_seq_length() == caches[0].get_seq_length()  # every token fed, as before
